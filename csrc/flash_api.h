@@ -1,0 +1,31 @@
+// Entry points each backend implements for a filled FlashFwdParams / FlashBwdParams.
+// Kernel translation units include no torch header; errors are thrown as
+// std::invalid_argument / std::runtime_error and turned into torch errors by the binding.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "flash_params.h"
+
+namespace flash {
+
+// Runs fn(ctx, begin, end) over [0, n) on the host's intra-op thread pool. The binding
+// passes torch's parallel_for, so the CPU kernels share torch's threads and settings.
+using ParallelFn = void (*)(void* ctx, int64_t begin, int64_t end);
+using ParallelFor = void (*)(int64_t n, void* ctx, ParallelFn fn);
+
+namespace cpu {
+void run_fwd(const FlashFwdParams& params, ParallelFor parallel_for);
+void run_bwd(const FlashBwdParams& params, ParallelFor parallel_for);
+}  // namespace cpu
+
+namespace cuda {
+// `stream` is a cudaStream_t; the device is the current one.
+void run_fwd(const FlashFwdParams& params, void* stream);
+void run_bwd(const FlashBwdParams& params, void* stream);
+// Bytes of FlashBwdParams::workspace the backward needs (zero-initialized by the caller).
+size_t bwd_workspace_bytes(const FlashBwdParams& params);
+}  // namespace cuda
+
+}  // namespace flash
