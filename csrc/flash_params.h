@@ -48,17 +48,19 @@ struct FlashFwdParams {
   bool is_causal = false;
   int window_left = -1;   // -1: unbounded
   int window_right = -1;  // -1: unbounded; causal sets 0
-  float softcap = 0.0f;   // 0: off; else scores = softcap * tanh(scores / softcap)
+  // Score of (i, j): s = q_i . k_j * softmax_scale; with softcap s = softcap * tanh(s / softcap);
+  // then the ALiBi bias is added and the mask applied.
+  float softcap = 0.0f;   // 0: off
 
   // ALiBi: bias -slope * |i + seqlen_k - seqlen_q - j| added to scaled scores.
   const float* alibi_slopes = nullptr;  // (heads_q) or (batch, heads_q)
   int64_t alibi_batch_stride = 0;       // 0 when slopes are per head only
 
   // Attention sinks: one learnable logit per query head that joins the softmax
-  // denominator without contributing a value (GPT-OSS).
+  // denominator without contributing a value (GPT-OSS). softmax_lse includes it.
   const float* sinks = nullptr;         // (heads_q) float32
 
-  // ---- dropout (Philox 4x32-10, counter = (row, col) of the score, key = seed) -------------
+  // ---- dropout: the stream contract is in philox.h ---------------------------
   float dropout_p = 0.0f;               // probability of dropping
   uint64_t philox_seed = 0;
   uint64_t philox_offset = 0;
