@@ -9,6 +9,8 @@
 //   k, v (batch, seqlen_k, heads_kv, head_dim)        or varlen (total_k, heads_kv, head_dim)
 //        paged: (num_pages, page_size, heads_kv, head_dim), rows found through block_table
 //   out  like q;  softmax_lse (batch, heads_q, seqlen_q) float32, varlen (heads_q, total_q)
+//   A row that sees no key (fully masked, or an empty key sequence) gets out = 0 and
+//   softmax_lse = +inf (flash-attn's convention: the backward's exp(s - lse) is then 0).
 // Strides are in elements; the last dimension is always contiguous.
 // Masks are aligned bottom-right: query row i sees key column j when
 //   j <= i + (seqlen_k - seqlen_q) + window_right   and   j >= i + (seqlen_k - seqlen_q) - window_left
