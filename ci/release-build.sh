@@ -14,7 +14,7 @@ project=${PROJECT:-$PWD}
 args=()
 for variant in "$@"; do args+=(--variant "$variant"); done
 echo "::group::build $*"
-python -m flash_attn_kernel --project "$project" build "${args[@]}"
+python -m flash_attn_kernel --project "$project" build --redistributable "${args[@]}"
 echo "::endgroup::"
 
 # `build` checks what it builds; checking again here makes the artifact's state explicit in the log.

@@ -24,6 +24,13 @@ namespace cuda {
 // `stream` is a cudaStream_t; the device is the current one.
 void run_fwd(const FlashFwdParams& params, void* stream);
 void run_bwd(const FlashBwdParams& params, void* stream);
+// Split-KV count run_fwd uses: params.num_splits when > 0, else a heuristic for the current device
+// (1 when splitting does not pay). When it is > 1 the caller sets params.num_splits to it and
+// allocates out_accum / lse_accum for that many splits (shapes in flash_params.h, float32, no
+// initialization needed); without them run_fwd falls back to one split for a heuristic choice.
+int fwd_num_splits(const FlashFwdParams& params);
+// Bytes of out_accum plus lse_accum for fwd_num_splits(params) splits (0 when it is 1).
+size_t fwd_workspace_bytes(const FlashFwdParams& params);
 // Bytes of FlashBwdParams::workspace the backward needs (zero-initialized by the caller).
 size_t bwd_workspace_bytes(const FlashBwdParams& params);
 }  // namespace cuda

@@ -40,6 +40,7 @@ struct FlashFwdParams {
   int batch = 0;
   int seqlen_q = 0;   // max over the batch for varlen
   int seqlen_k = 0;   // max over the batch for varlen / cache capacity for kvcache
+  int total_q = 0;    // varlen: rows of q (softmax_lse is (heads_q, total_q))
   int heads_q = 0;
   int heads_kv = 0;   // heads_q % heads_kv == 0 (GQA/MQA)
   int head_dim = 0;   // multiple of 8, <= 256
@@ -71,7 +72,9 @@ struct FlashFwdParams {
   const int32_t* cu_seqlens_q = nullptr;  // (batch + 1): q rows of sequence b are [cu[b], cu[b+1])
   const int32_t* cu_seqlens_k = nullptr;  // (batch + 1)
   const int32_t* seqused_k = nullptr;     // (batch): keys actually used per sequence
-  const int32_t* leftpad_k = nullptr;     // (batch): first valid key per sequence (kvcache)
+  // (batch): first valid key row per sequence (kvcache); the keys of sequence b are then rows
+  // [leftpad_k[b], seqused_k[b]) and masks align on their count seqused_k[b] - leftpad_k[b].
+  const int32_t* leftpad_k = nullptr;
 
   // ---- KV cache ------------------------------------------------------------
   const int32_t* block_table = nullptr;   // (batch, max_pages): page index per block of keys

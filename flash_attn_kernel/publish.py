@@ -425,6 +425,7 @@ def publish_hub(project: Path, repo_id: str, *, branch: str | None = None, creat
             fix="set HF_TOKEN or run `hf auth login`; or publish to the embedded repository with --local",
         )
     built = collect_variants(project, variants)
+    _require_redistributable(built)
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token or False)
     web = f"{api.endpoint}/kernels/{repo_id}"
     try:
@@ -463,6 +464,25 @@ def publish_hub(project: Path, repo_id: str, *, branch: str | None = None, creat
                                 "(a 403 on a new kernel repository means the namespace needs publishing approval)"
                             ) from None
     return result
+
+
+def _require_redistributable(built: list[BuiltVariant]) -> None:
+    """Refuse native libraries that need a newer glibc than manylinux_2_28: users' machines can't load them."""
+    from kernel_abi_check import ObjectFile
+
+    from .check import MANYLINUX
+
+    for variant in built:
+        for lib in sorted(variant.path.rglob("*.so")):
+            violations = ObjectFile(str(lib)).check_manylinux(MANYLINUX)
+            if violations:
+                first = violations[0]
+                raise PipelineError(
+                    f"{variant.name} is a local build, not redistributable: {lib.name} needs "
+                    f"{first.dep} {first.version} ({first.name}), newer than {MANYLINUX} allows",
+                    where=str(lib),
+                    fix="build release variants with `flash-attn-kernel build --redistributable` on a manylinux_2_28 "
+                        "host (the release workflow's container), or publish this build to the embedded repository")
 
 
 def _dirty(built: list[BuiltVariant]) -> list[str]:

@@ -1,0 +1,382 @@
+// Tensor-core backward (sm80-class mma.sync) for head dims up to 128 without dropout: the same
+// two atomic-free kernels as the SIMT backward (flash_bwd.cu), with every product on mma.m16n8k16
+// and P / dS fed from registers (flash_mma.cuh), so nothing but Q/dO/K/V tiles and per-row scalars
+// goes through shared memory.
+//   dq_mma_kernel    4 warps x 16 packed query rows; per key block: S = Q K^T, dP = dO V^T,
+//                    dS = P (dP - Di) cap' scale, dQ += dS K.
+//   dkdv_mma_kernel  4 warps x 16 keys; per block of 32 packed query rows: S^T = K Q^T,
+//                    dP^T = V dO^T, dV += P^T dO, dK += dS^T Q (summed over the KV group's heads).
+#pragma once
+
+#include "flash_mma.cuh"
+
+namespace flash {
+namespace cuda {
+namespace detail {
+
+template <int D>
+struct BwdMmaTraits {
+  static_assert(D <= 128, "the tensor-core backward covers head dims up to 128");
+  static constexpr int kBlockM = 64;                // dq: packed query rows per CTA
+  static constexpr int kBlockN = D <= 64 ? 64 : 32; // dq: keys per step
+  static constexpr int kKeys = 64;                  // dkdv: keys per CTA
+  static constexpr int kRows = 32;                  // dkdv: packed query rows per step
+  static constexpr int kPitch = mma_pitch(D);
+  static constexpr size_t kDqSmem = sizeof(uint16_t) * (2 * kBlockM + 4 * kBlockN) * kPitch;
+  static constexpr size_t kDkdvSmem = sizeof(uint16_t) * (2 * kKeys + 2 * kRows) * kPitch + 4 * sizeof(float) * kRows;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) dq_mma_kernel(const BwdArgs args) {
+  using Tr = BwdMmaTraits<D>;
+  constexpr int BM = Tr::kBlockM;
+  constexpr int BN = Tr::kBlockN;
+  constexpr int kPitch = Tr::kPitch;
+  constexpr int kNT = BN / 8;
+  constexpr int kDT = D / 8;
+  extern __shared__ __align__(16) uint16_t smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + BM * kPitch;
+  T* sK = sdO + BM * kPitch;     // [2][BN][kPitch]
+  T* sV = sK + 2 * BN * kPitch;  // [2][BN][kPitch]
+
+  const FlashBwdParams& p = args.p;
+  const ScoreArgs& sa = args.s;
+  const int b = blockIdx.z;
+  const int hk = blockIdx.y;
+  const SeqInfo si = seq_info(p, b);
+  const int group = sa.group;
+  const int rows = si.sq * group;
+  const int r0 = blockIdx.x * BM;
+  if (r0 >= rows) return;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+
+  const int i_lo = r0 / group;
+  const int i_hi = (min(r0 + BM, rows) - 1) / group;
+  int j_begin = 0, j_end = si.sk;
+  if (sa.window_right >= 0) j_end = min(j_end, i_hi + si.sk - si.sq + sa.window_right + 1);
+  if (sa.window_left >= 0) j_begin = max(j_begin, i_lo + si.sk - si.sq - sa.window_left);
+  const int n_begin = j_begin / BN;
+  const int n_end = j_end > j_begin ? ceil_div(j_end, BN) : n_begin;
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane >> 2;
+  const int tq = lane & 3;
+  const int mi = lane >> 3;
+  const int rr = lane & 7;
+  struct Row {
+    bool ok;
+    int i, h;
+    float lse, di, slope;
+  } row[2];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int r = r0 + warp * 16 + g + 8 * e;
+    row[e].ok = r < rows;
+    row[e].i = row[e].ok ? r / group : 0;
+    row[e].h = hk * group + (row[e].ok ? r % group : 0);
+    row[e].lse = row[e].ok ? p.softmax_lse[lse_offset(p, si, b, row[e].i, row[e].h)] : 0.f;
+    row[e].di = row[e].ok ? p.workspace[di_offset(p, b, row[e].h, row[e].i)] : 0.f;
+    row[e].slope = p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + row[e].h] : 0.f;
+  }
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* dout = static_cast<const T*>(p.dout);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  auto q_rows = [&](const T* base, int64_t bs, int64_t rst, int64_t hs) {
+    return [=, &si](int rw) -> const T* {
+      const int r = r0 + rw;
+      if (r >= rows) return nullptr;
+      return base + q_offset(varlen, bs, rst, hs, si, b, r / group, hk * group + r % group);
+    };
+  };
+  auto k_rows = [&](const T* base, int64_t bs, int64_t rst, int64_t hs, int j0) {
+    return [=, &si, &p](int rw) -> const T* {
+      if (j0 + rw >= si.sk) return nullptr;
+      return base + kv_offset(p, bs, rst, hs, si, b, j0 + rw, hk);
+    };
+  };
+  auto load_kv = [&](int n, int buf) {
+    cp_async_tile<T, D, BN>(sK + buf * BN * kPitch, k_rows(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, n * BN),
+                            p.head_dim, k);
+    cp_async_tile<T, D, BN>(sV + buf * BN * kPitch, k_rows(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, n * BN),
+                            p.head_dim, v);
+  };
+
+  float acc[kDT][4];
+#pragma unroll
+  for (int t = 0; t < kDT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+
+  if (n_begin < n_end) {
+    cp_async_tile<T, D, BM>(sQ, q_rows(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride), p.head_dim, q);
+    cp_async_tile<T, D, BM>(sdO, q_rows(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride), p.head_dim, dout);
+    load_kv(n_begin, 0);
+    cp_async_commit();
+  }
+
+  for (int n = n_begin; n < n_end; ++n) {
+    const int buf = (n - n_begin) & 1;
+    cp_async_wait_all();
+    __syncthreads();  // tile n visible; every warp is done with buffer buf^1
+    if (n + 1 < n_end) {
+      load_kv(n + 1, buf ^ 1);
+      cp_async_commit();
+    }
+    const T* cK = sK + buf * BN * kPitch;
+    const T* cV = sV + buf * BN * kPitch;
+    const int j0 = n * BN;
+
+    float s[kNT][4], dp[kNT][4];
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[t][c] = dp[t][c] = 0.f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t aq[4], ao[4];
+      ldmatrix_x4(aq, sQ + (warp * 16 + rr + (mi & 1) * 8) * kPitch + kk * 16 + (mi >> 1) * 8);
+      ldmatrix_x4(ao, sdO + (warp * 16 + rr + (mi & 1) * 8) * kPitch + kk * 16 + (mi >> 1) * 8);
+#pragma unroll
+      for (int t2 = 0; t2 < kNT / 2; ++t2) {
+        uint32_t bk[4], bv[4];
+        ldmatrix_x4(bk, cK + (t2 * 16 + rr + (mi >> 1) * 8) * kPitch + kk * 16 + (mi & 1) * 8);
+        ldmatrix_x4(bv, cV + (t2 * 16 + rr + (mi >> 1) * 8) * kPitch + kk * 16 + (mi & 1) * 8);
+        mma_16816<T>(s[2 * t2], aq, bk[0], bk[1]);
+        mma_16816<T>(s[2 * t2 + 1], aq, bk[2], bk[3]);
+        mma_16816<T>(dp[2 * t2], ao, bv[0], bv[1]);
+        mma_16816<T>(dp[2 * t2 + 1], ao, bv[2], bv[3]);
+      }
+    }
+    // dS in place of s; c0,c1 belong to row[0], c2,c3 to row[1].
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const auto& rw = row[c >> 1];
+        const int j = j0 + t * 8 + tq * 2 + (c & 1);
+        float ds = 0.f;
+        if (rw.ok && visible(sa, rw.i, j, si.sq, si.sk)) {
+          float dcap;
+          const float x = modify_score(sa, s[t][c] * p.softmax_scale, rw.slope, rw.i, j, si.sq, si.sk, dcap);
+          const float prob = __expf(x - rw.lse);
+          ds = prob * (dp[t][c] - rw.di) * dcap * p.softmax_scale;
+        }
+        s[t][c] = ds;
+      }
+    }
+    // dQ += dS K: the dS accumulators of column tiles 2kk, 2kk+1 are the A fragment of keys 16kk..
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int t2 = 0; t2 < kDT / 2; ++t2) {
+        uint32_t bk[4];
+        ldmatrix_x4_trans(bk, cK + (kk * 16 + rr + (mi & 1) * 8) * kPitch + t2 * 16 + (mi >> 1) * 8);
+        mma_16816<T>(acc[2 * t2], a, bk[0], bk[1]);
+        mma_16816<T>(acc[2 * t2 + 1], a, bk[2], bk[3]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    if (!row[e].ok) continue;
+    T* dq = static_cast<T*>(p.dq) +
+            q_offset(varlen, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, si, b, row[e].i, row[e].h);
+#pragma unroll
+    for (int t = 0; t < kDT; ++t) {
+      const int d = t * 8 + tq * 2;
+      if (d < p.head_dim) *reinterpret_cast<uint32_t*>(dq + d) = pack2<T>(acc[t][2 * e], acc[t][2 * e + 1]);
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs args) {
+  using Tr = BwdMmaTraits<D>;
+  constexpr int BK = Tr::kKeys;
+  constexpr int BR = Tr::kRows;
+  constexpr int kPitch = Tr::kPitch;
+  constexpr int kRT = BR / 8;  // 8-row column tiles of S^T
+  constexpr int kDT = D / 8;
+  extern __shared__ __align__(16) uint16_t smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + BK * kPitch;
+  T* sQ = sV + BK * kPitch;
+  T* sdO = sQ + BR * kPitch;
+  float* sLse = reinterpret_cast<float*>(sdO + BR * kPitch);
+  float* sDi = sLse + BR;
+  float* sSlope = sDi + BR;
+  int* sI = reinterpret_cast<int*>(sSlope + BR);  // query row of each packed row, -1 past the end
+
+  const FlashBwdParams& p = args.p;
+  const ScoreArgs& sa = args.s;
+  const int b = blockIdx.z;
+  const int hk = blockIdx.y;
+  const int j0 = blockIdx.x * BK;
+  const SeqInfo si = seq_info(p, b);
+  const int group = sa.group;
+  const int rows = si.sq * group;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int tid = threadIdx.x;
+
+  zero_unused_key_rows<T>(p, si, b, hk, j0, BK);
+  if (j0 >= si.sk) return;
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* dout = static_cast<const T*>(p.dout);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  auto k_rows = [&](const T* base, int64_t bs, int64_t rst, int64_t hs) {
+    return [=, &si, &p](int rw) -> const T* {
+      if (j0 + rw >= si.sk) return nullptr;
+      return base + kv_offset(p, bs, rst, hs, si, b, j0 + rw, hk);
+    };
+  };
+  cp_async_tile<T, D, BK>(sK, k_rows(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride), p.head_dim, k);
+  cp_async_tile<T, D, BK>(sV, k_rows(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride), p.head_dim, v);
+  cp_async_commit();
+
+  // Query rows that can see a key of this block, as packed rows, in steps of BR.
+  const int j_last = min(si.sk, j0 + BK) - 1;
+  int i_lo = 0, i_hi = si.sq - 1;
+  if (sa.window_right >= 0) i_lo = max(i_lo, j0 - (si.sk - si.sq) - sa.window_right);
+  if (sa.window_left >= 0) i_hi = min(i_hi, j_last - (si.sk - si.sq) + sa.window_left);
+  const int m_begin = i_lo <= i_hi ? i_lo * group / BR : 0;
+  const int m_end = i_lo <= i_hi ? ceil_div((i_hi + 1) * group, BR) : 0;
+
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane >> 2;
+  const int tq = lane & 3;
+  const int mi = lane >> 3;
+  const int rr = lane & 7;
+  float dk[kDT][4], dv[kDT][4];
+#pragma unroll
+  for (int t = 0; t < kDT; ++t) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dk[t][c] = dv[t][c] = 0.f;
+  }
+
+  for (int mb = m_begin; mb < m_end; ++mb) {
+    const int r0 = mb * BR;
+    __syncthreads();  // every warp is done with the previous Q / dO tile and row scalars
+    auto q_rows = [&](const T* base, int64_t bs, int64_t rst, int64_t hs) {
+      return [=, &si](int rw) -> const T* {
+        const int r = r0 + rw;
+        if (r >= rows) return nullptr;
+        return base + q_offset(varlen, bs, rst, hs, si, b, r / group, hk * group + r % group);
+      };
+    };
+    cp_async_tile<T, D, BR>(sQ, q_rows(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride), p.head_dim, q);
+    cp_async_tile<T, D, BR>(sdO, q_rows(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride), p.head_dim, dout);
+    cp_async_commit();
+    if (tid < BR) {
+      const int r = r0 + tid;
+      const bool ok = r < rows;
+      const int i = ok ? r / group : 0;
+      const int h = hk * group + (ok ? r % group : 0);
+      sI[tid] = ok ? i : -1;
+      sLse[tid] = ok ? p.softmax_lse[lse_offset(p, si, b, i, h)] : 0.f;
+      sDi[tid] = ok ? p.workspace[di_offset(p, b, h, i)] : 0.f;
+      sSlope[tid] = p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+    }
+    cp_async_wait_all();
+    __syncthreads();
+
+    // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x BR rows.
+    float st[kRT][4], dpt[kRT][4];
+#pragma unroll
+    for (int t = 0; t < kRT; ++t) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) st[t][c] = dpt[t][c] = 0.f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t ak[4], av[4];
+      ldmatrix_x4(ak, sK + (warp * 16 + rr + (mi & 1) * 8) * kPitch + kk * 16 + (mi >> 1) * 8);
+      ldmatrix_x4(av, sV + (warp * 16 + rr + (mi & 1) * 8) * kPitch + kk * 16 + (mi >> 1) * 8);
+#pragma unroll
+      for (int t2 = 0; t2 < kRT / 2; ++t2) {
+        uint32_t bq[4], bo[4];
+        ldmatrix_x4(bq, sQ + (t2 * 16 + rr + (mi >> 1) * 8) * kPitch + kk * 16 + (mi & 1) * 8);
+        ldmatrix_x4(bo, sdO + (t2 * 16 + rr + (mi >> 1) * 8) * kPitch + kk * 16 + (mi & 1) * 8);
+        mma_16816<T>(st[2 * t2], ak, bq[0], bq[1]);
+        mma_16816<T>(st[2 * t2 + 1], ak, bq[2], bq[3]);
+        mma_16816<T>(dpt[2 * t2], av, bo[0], bo[1]);
+        mma_16816<T>(dpt[2 * t2 + 1], av, bo[2], bo[3]);
+      }
+    }
+    // P^T into st, dS^T into dpt: rows of the fragments are keys (g, g+8), columns query rows.
+#pragma unroll
+    for (int t = 0; t < kRT; ++t) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int j = j0 + warp * 16 + g + 8 * (c >> 1);
+        const int col = t * 8 + tq * 2 + (c & 1);
+        const int i = sI[col];
+        float prob = 0.f, ds = 0.f;
+        if (i >= 0 && visible(sa, i, j, si.sq, si.sk)) {
+          float dcap;
+          const float x = modify_score(sa, st[t][c] * p.softmax_scale, sSlope[col], i, j, si.sq, si.sk, dcap);
+          prob = __expf(x - sLse[col]);
+          ds = prob * (dpt[t][c] - sDi[col]) * dcap * p.softmax_scale;
+        }
+        st[t][c] = prob;
+        dpt[t][c] = ds;
+      }
+    }
+    // dV += P^T dO and dK += dS^T Q: A fragments from registers, B = dO / Q through ldmatrix.trans.
+#pragma unroll
+    for (int kk = 0; kk < BR / 16; ++kk) {
+      uint32_t ap[4], as[4];
+      ap[0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
+      ap[1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
+      ap[2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+      ap[3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+      as[0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
+      as[1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
+      as[2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+      as[3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+#pragma unroll
+      for (int t2 = 0; t2 < kDT / 2; ++t2) {
+        uint32_t bo[4], bq[4];
+        ldmatrix_x4_trans(bo, sdO + (kk * 16 + rr + (mi & 1) * 8) * kPitch + t2 * 16 + (mi >> 1) * 8);
+        ldmatrix_x4_trans(bq, sQ + (kk * 16 + rr + (mi & 1) * 8) * kPitch + t2 * 16 + (mi >> 1) * 8);
+        mma_16816<T>(dv[2 * t2], ap, bo[0], bo[1]);
+        mma_16816<T>(dv[2 * t2 + 1], ap, bo[2], bo[3]);
+        mma_16816<T>(dk[2 * t2], as, bq[0], bq[1]);
+        mma_16816<T>(dk[2 * t2 + 1], as, bq[2], bq[3]);
+      }
+    }
+  }
+  cp_async_wait_all();  // K/V copies are still in flight when no query row sees this block
+
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int j = j0 + warp * 16 + g + 8 * e;
+    if (j >= si.sk) continue;
+    T* dkp = static_cast<T*>(p.dk) + kv_offset(p, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, si, b, j, hk);
+    T* dvp = static_cast<T*>(p.dv) + kv_offset(p, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, si, b, j, hk);
+#pragma unroll
+    for (int t = 0; t < kDT; ++t) {
+      const int d = t * 8 + tq * 2;
+      if (d < p.head_dim) {
+        *reinterpret_cast<uint32_t*>(dkp + d) = pack2<T>(dk[t][2 * e], dk[t][2 * e + 1]);
+        *reinterpret_cast<uint32_t*>(dvp + d) = pack2<T>(dv[t][2 * e], dv[t][2 * e + 1]);
+      }
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace flash

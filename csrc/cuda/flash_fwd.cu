@@ -1,0 +1,355 @@
+// Forward attention for the portable CUDA path: one CTA per (query block, KV head, batch[, split]).
+//
+// Query rows are packed over the GQA group: packed row r of KV head hk is query row i = r / group
+// of query head h = hk * group + r % group, so a CTA loads each K/V tile once for all the query
+// heads that share it (decode with GQA fills a whole tile from one query row).
+//
+// Two kernels with the same contract: fwd_mma_kernel (tensor cores, flash_fwd_mma.cuh) runs by
+// default; fwd_kernel (SIMT, fp32 math, the straightforward reference) runs when the environment
+// sets FLASH_ATTN_CUDA_SIMT=1. Both cover every feature of FlashFwdParams. Split-KV: with
+// num_splits > 1 each split handles a contiguous share of the CTA's key blocks and writes its
+// normalized partial output and log-sum-exp (without the sink) to out_accum / lse_accum; a
+// combine kernel merges the splits, adds the sink and writes out and softmax_lse.
+#include <algorithm>
+#include <cmath>
+
+#include "flash_common.cuh"
+#include "flash_fwd_mma.cuh"
+#include "flash_api.h"
+
+namespace flash {
+namespace cuda {
+namespace detail {
+namespace {
+
+template <int D>
+constexpr size_t fwd_smem_bytes() {
+  return sizeof(uint32_t) * (kBlockM + 2 * kBlockN) * Tile<D>::kPitch + sizeof(float) * kBlockM * (kBlockN + 1);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) fwd_kernel(const FwdArgs args) {
+  constexpr int kPitch = Tile<D>::kPitch;
+  constexpr int kWords = D / 8;  // output words (2 elements) per thread: words quad + 4*k
+  extern __shared__ __align__(16) uint32_t smem[];
+  uint32_t* sQ = smem;
+  uint32_t* sK = sQ + kBlockM * kPitch;
+  uint32_t* sV = sK + kBlockN * kPitch;
+  float* sP = reinterpret_cast<float*>(sV + kBlockN * kPitch);  // [kBlockM][kBlockN + 1]
+
+  const FlashFwdParams& p = args.p;
+  const ScoreArgs& sa = args.s;
+  const int b = blockIdx.z;
+  const int hk = blockIdx.y / args.num_splits;
+  const int split = blockIdx.y % args.num_splits;
+  const SeqInfo si = seq_info(p, b);
+  const int group = sa.group;
+  const int rows = si.sq * group;
+  const int r0 = blockIdx.x * kBlockM;
+  if (r0 >= rows) return;
+
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+
+  // Key blocks any row of this tile can see, then this split's share of them.
+  const int i_lo = r0 / group;
+  const int i_hi = (min(r0 + kBlockM, rows) - 1) / group;
+  int j_begin = 0, j_end = si.sk;
+  if (sa.window_right >= 0) j_end = min(j_end, i_hi + si.sk - si.sq + sa.window_right + 1);
+  if (sa.window_left >= 0) j_begin = max(j_begin, i_lo + si.sk - si.sq - sa.window_left);
+  const int n_begin = j_begin / kBlockN;
+  const int n_end = j_end > j_begin ? ceil_div(j_end, kBlockN) : n_begin;
+  const int per_split = ceil_div(n_end - n_begin, args.num_splits);
+  const int n_lo = min(n_end, n_begin + split * per_split);
+  const int n_hi = min(n_end, n_lo + per_split);
+
+  const int tid = threadIdx.x;
+  const int rl = tid >> 2;  // tile row of this thread
+  const int quad = tid & 3;
+  const int r = r0 + rl;
+  const bool row_ok = r < rows;
+  const int i = row_ok ? r / group : 0;
+  const int h = hk * group + (row_ok ? r % group : 0);
+  const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h;
+  const float slope = p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+
+  load_tile<T, D, kBlockM>(sQ, [&](int row) -> const T* {
+    const int rr = r0 + row;
+    if (rr >= rows) return nullptr;
+    return q + q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, rr / group,
+                        hk * group + rr % group);
+  }, p.head_dim);
+
+  float m = neg_inf();  // running max of the modified scores
+  float l = 0.f;        // running sum of exp(score - m) (without dropout)
+  float acc[kWords][2];
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) acc[w][0] = acc[w][1] = 0.f;
+
+  for (int n = n_lo; n < n_hi; ++n) {
+    const int j0 = n * kBlockN;
+    load_tile<T, D, kBlockN>(sK, [&](int row) -> const T* {
+      if (j0 + row >= si.sk) return nullptr;
+      return k + kv_offset(p, p.k_batch_stride, p.k_row_stride, p.k_head_stride, si, b, j0 + row, hk);
+    }, p.head_dim);
+    load_tile<T, D, kBlockN>(sV, [&](int row) -> const T* {
+      if (j0 + row >= si.sk) return nullptr;
+      return v + kv_offset(p, p.v_batch_stride, p.v_row_stride, p.v_head_stride, si, b, j0 + row, hk);
+    }, p.head_dim);
+    __syncthreads();
+
+    float s[8];
+#pragma unroll
+    for (int c = 0; c < 8; ++c) s[c] = 0.f;
+#pragma unroll 8
+    for (int d2 = 0; d2 < D / 2; ++d2) {
+      const float2 qv = unpack2<T>(sQ[rl * kPitch + d2]);
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        const float2 kv = unpack2<T>(sK[key_of(quad, c) * kPitch + d2]);
+        s[c] = fmaf(qv.x, kv.x, fmaf(qv.y, kv.y, s[c]));
+      }
+    }
+
+    float tile_max = neg_inf();
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const int j = j0 + key_of(quad, c);
+      if (row_ok && visible(sa, i, j, si.sq, si.sk)) {
+        float dcap;
+        s[c] = modify_score(sa, s[c] * p.softmax_scale, slope, i, j, si.sq, si.sk, dcap);
+      } else {
+        s[c] = neg_inf();
+      }
+      tile_max = fmaxf(tile_max, s[c]);
+    }
+    tile_max = quad_max(tile_max);
+    const float m_new = fmaxf(m, tile_max);
+    // A row that has seen no key yet keeps m = -inf; subtracting 0 instead avoids inf - inf.
+    const float m_use = m_new == neg_inf() ? 0.f : m_new;
+    const float corr = __expf(m - m_use);
+    float row_sum = 0.f;
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      s[c] = __expf(s[c] - m_use);
+      row_sum += s[c];
+    }
+    l = l * corr + quad_sum(row_sum);
+    m = m_new;
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) {
+      acc[w][0] *= corr;
+      acc[w][1] *= corr;
+    }
+    if (sa.dropout) {
+#pragma unroll
+      for (int g = 0; g < 2; ++g) {
+        bool keep[4];
+        dropout_keep4(p, sa, bh, i, j0 + g * 16 + quad * 4, keep);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[g * 4 + e] = keep[e] ? s[g * 4 + e] * sa.drop_scale : 0.f;
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < 8; ++c) sP[rl * (kBlockN + 1) + key_of(quad, c)] = s[c];
+    __syncthreads();
+
+#pragma unroll 8
+    for (int jj = 0; jj < kBlockN; ++jj) {
+      const float pj = sP[rl * (kBlockN + 1) + jj];
+#pragma unroll
+      for (int w = 0; w < kWords; ++w) {
+        const float2 vv = unpack2<T>(sV[jj * kPitch + quad + 4 * w]);
+        acc[w][0] = fmaf(pj, vv.x, acc[w][0]);
+        acc[w][1] = fmaf(pj, vv.y, acc[w][1]);
+      }
+    }
+    __syncthreads();  // sK, sV, sP are overwritten by the next block
+  }
+
+  if (!row_ok) return;
+  if (args.num_splits > 1) {
+    const int64_t row = ((static_cast<int64_t>(split) * p.batch + b) * p.heads_q + h) * p.seqlen_q + i;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float* oa = p.out_accum + row * p.head_dim;
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) {
+      const int d = 2 * (quad + 4 * w);
+      if (d < p.head_dim) *reinterpret_cast<float2*>(oa + d) = make_float2(acc[w][0] * inv, acc[w][1] * inv);
+    }
+    if (quad == 0) p.lse_accum[row] = l > 0.f ? m + logf(l) : neg_inf();
+    return;
+  }
+
+  // l == 0 exactly when the row saw no key (the max score contributes exp(0) = 1 otherwise).
+  float out_scale, lse;
+  if (l == 0.f) {
+    out_scale = 0.f;
+    lse = pos_inf();
+  } else if (p.sinks != nullptr) {
+    const float sink = p.sinks[h];
+    const float mx = fmaxf(m, sink);
+    const float total = l * expf(m - mx) + expf(sink - mx);
+    out_scale = expf(m - mx) / total;
+    lse = mx + logf(total);
+  } else {
+    out_scale = 1.f / l;
+    lse = m + logf(l);
+  }
+  T* out = static_cast<T*>(p.out) +
+           q_offset(varlen, p.o_batch_stride, p.o_row_stride, p.o_head_stride, si, b, i, h);
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) {
+    const int d = 2 * (quad + 4 * w);
+    if (d < p.head_dim) {
+      *reinterpret_cast<uint32_t*>(out + d) = pack2<T>(acc[w][0] * out_scale, acc[w][1] * out_scale);
+    }
+  }
+  if (quad == 0 && p.softmax_lse != nullptr) p.softmax_lse[lse_offset(p, si, b, i, h)] = lse;
+}
+
+// Merges the splits of one row per warp: lse = log(sum_s exp(lse_s) [+ exp(sink)]),
+// out = sum_s exp(lse_s - lse) * out_s. A row no split saw a key in gets out = 0, lse = +inf.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) combine_kernel(const FwdArgs args) {
+  const FlashFwdParams& p = args.p;
+  const int b = blockIdx.z;
+  const int h = blockIdx.y;
+  const int i = blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const SeqInfo si = seq_info(p, b);
+  if (i >= si.sq) return;
+
+  const int64_t split_stride = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
+  const int64_t row = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + i;
+  float mx = neg_inf();
+  for (int s = 0; s < args.num_splits; ++s) mx = fmaxf(mx, p.lse_accum[s * split_stride + row]);
+  const bool seen = mx != neg_inf();
+  float lse = pos_inf();
+  if (seen) {
+    const float sink = p.sinks != nullptr ? p.sinks[h] : neg_inf();
+    mx = fmaxf(mx, sink);
+    float total = p.sinks != nullptr ? expf(sink - mx) : 0.f;
+    for (int s = 0; s < args.num_splits; ++s) total += expf(p.lse_accum[s * split_stride + row] - mx);
+    lse = mx + logf(total);
+  }
+  T* out = static_cast<T*>(p.out) +
+           q_offset(p.cu_seqlens_q != nullptr, p.o_batch_stride, p.o_row_stride, p.o_head_stride, si, b, i, h);
+  for (int d = 2 * lane; d < p.head_dim; d += 64) {
+    float2 o = make_float2(0.f, 0.f);
+    if (seen) {
+      for (int s = 0; s < args.num_splits; ++s) {
+        const float wgt = expf(p.lse_accum[s * split_stride + row] - lse);
+        const float2 part = *reinterpret_cast<const float2*>(p.out_accum + (s * split_stride + row) * p.head_dim + d);
+        o.x = fmaf(wgt, part.x, o.x);
+        o.y = fmaf(wgt, part.y, o.y);
+      }
+    }
+    *reinterpret_cast<uint32_t*>(out + d) = pack2<T>(o.x, o.y);
+  }
+  if (lane == 0 && p.softmax_lse != nullptr) p.softmax_lse[lse_offset(p, si, b, i, h)] = lse;
+}
+
+int device_sm_count() {
+  int device = 0, sms = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return sms;
+}
+
+// Split count that fills the device best: the smallest count whose wave efficiency (CTAs over
+// whole waves) is within 85% of the best, skipping counts that do not shorten the longest split.
+int split_heuristic(const FlashFwdParams& p) {
+  const int group = p.heads_q / p.heads_kv;
+  const int64_t ctas = static_cast<int64_t>(ceil_div(p.seqlen_q * group, kBlockM)) * p.heads_kv * p.batch;
+  const int n_blocks = ceil_div(p.seqlen_k, kBlockN);
+  const int sms = device_sm_count();
+  if (ctas == 0 || n_blocks <= 1 || ctas >= static_cast<int64_t>(0.8 * sms)) return 1;
+  const int max_splits = std::min({kMaxSplits, sms, n_blocks});
+  auto efficiency = [&](int s) {
+    const double waves = static_cast<double>(ctas * s) / sms;
+    return waves / std::ceil(waves);
+  };
+  auto useful = [&](int s) { return s == 1 || ceil_div(n_blocks, s) != ceil_div(n_blocks, s - 1); };
+  double best = 0.0;
+  for (int s = 1; s <= max_splits; ++s) {
+    if (useful(s)) best = std::max(best, efficiency(s));
+  }
+  for (int s = 1; s <= max_splits; ++s) {
+    if (useful(s) && efficiency(s) >= 0.85 * best) return s;
+  }
+  return 1;
+}
+
+template <typename T, int D>
+void launch_fwd(const FwdArgs& args, cudaStream_t stream) {
+  const FlashFwdParams& p = args.p;
+  const int rows = p.seqlen_q * args.s.group;
+  if (!env_flag("FLASH_ATTN_CUDA_SIMT")) {
+    constexpr size_t smem = MmaTraits<D>::kSmemBytes;
+    set_smem(fwd_mma_kernel<T, D>, smem, "cudaFuncSetAttribute(fwd_mma_kernel)");
+    const dim3 grid(ceil_div(rows, MmaTraits<D>::kBlockM), p.heads_kv * args.num_splits, p.batch);
+    fwd_mma_kernel<T, D><<<grid, kThreads, smem, stream>>>(args);
+    check_launch("fwd_mma_kernel launch");
+  } else {
+    constexpr size_t smem = fwd_smem_bytes<D>();
+    set_smem(fwd_kernel<T, D>, smem, "cudaFuncSetAttribute(fwd_kernel)");
+    const dim3 grid(ceil_div(rows, kBlockM), p.heads_kv * args.num_splits, p.batch);
+    fwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(args);
+    check_launch("fwd_kernel launch");
+  }
+  if (args.num_splits > 1) {
+    const dim3 cgrid(ceil_div(p.seqlen_q, kThreads / 32), p.heads_q, p.batch);
+    combine_kernel<T><<<cgrid, kThreads, 0, stream>>>(args);
+    check_launch("combine_kernel launch");
+  }
+}
+
+}  // namespace
+}  // namespace detail
+
+int fwd_num_splits(const FlashFwdParams& params) {
+  detail::validate_common(params, "fwd_num_splits");
+  if (params.num_splits < 0 || params.num_splits > detail::kMaxSplits) {
+    detail::throw_invalid("fwd_num_splits", "num_splits must be in [0, " + std::to_string(detail::kMaxSplits) +
+                                                "], got " + std::to_string(params.num_splits));
+  }
+  if (params.num_splits > 0) return params.num_splits;
+  return detail::split_heuristic(params);
+}
+
+size_t fwd_workspace_bytes(const FlashFwdParams& params) {
+  const int splits = fwd_num_splits(params);
+  if (splits <= 1) return 0;
+  const size_t rows = static_cast<size_t>(splits) * params.batch * params.heads_q * params.seqlen_q;
+  return rows * (static_cast<size_t>(params.head_dim) + 1) * sizeof(float);
+}
+
+void run_fwd(const FlashFwdParams& params, void* stream) {
+  using namespace detail;
+  int splits = fwd_num_splits(params);
+  if (splits > 1 && (params.out_accum == nullptr || params.lse_accum == nullptr)) {
+    // The heuristic's choice is an optimization; an explicit request needs its buffers.
+    if (params.num_splits > 1) {
+      throw_invalid("run_fwd", "num_splits=" + std::to_string(params.num_splits) +
+                                   " needs out_accum and lse_accum (shapes in flash_params.h)");
+    }
+    splits = 1;
+  }
+  if (static_cast<int64_t>(params.heads_kv) * splits > 65535) {
+    throw_invalid("run_fwd", "heads_kv * num_splits must be <= 65535, got " +
+                                 std::to_string(static_cast<int64_t>(params.heads_kv) * splits));
+  }
+  if (params.batch == 0 || params.seqlen_q == 0) return;
+  FwdArgs args{params, make_score_args(params), splits};
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  dispatch_dtype(params.dtype, [&](auto t) {
+    using T = decltype(t);
+    dispatch_head_dim(params.head_dim, [&](auto d) { launch_fwd<T, decltype(d)::value>(args, s); });
+  });
+}
+
+}  // namespace cuda
+}  // namespace flash

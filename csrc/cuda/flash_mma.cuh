@@ -1,0 +1,88 @@
+// Tensor-core building blocks shared by the mma.sync kernels (sm80-class): cp.async tile copies,
+// ldmatrix fragment loads and the m16n8k16 mma with fp32 accumulation.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4):
+//   A (16x16, row): a0 (g, 2t..2t+1)  a1 (g+8, 2t..)  a2 (g, 2t+8..)  a3 (g+8, 2t+8..)
+//   B (16x8, col):  b0 (k = 2t..2t+1, n = g)  b1 (k = 2t+8.., n = g)
+//   C (16x8):       c0 c1 (g, 2t..2t+1)  c2 c3 (g+8, 2t..2t+1)
+// ldmatrix.x4 loads four 8x8 matrices whose row addresses come from lanes 0-7, 8-15, 16-23,
+// 24-31; register j of lane L holds row L/4, columns 2(L%4)..+1 of matrix j (with .trans: column
+// L/4, rows 2(L%4)..+1). So for a row-major tile X in shared memory:
+//   A fragment of X[r0.., c0..]:          lane address X[r0 + L%8 + 8*(mi&1)][c0 + 8*(mi>>1)]
+//   B fragments (two n-tiles) of X^T:     lane address X[n0 + L%8 + 8*(mi>>1)][k0 + 8*(mi&1)]
+//   B fragments (two n-tiles) of X (.trans): lane address X[k0 + L%8 + 8*(mi&1)][n0 + 8*(mi>>1)]
+// with mi = L / 8; and the C fragments of two adjacent 8-column tiles (2kk, 2kk+1) packed to 16 bits
+// are the A fragment of columns 16kk..16kk+15 (how P and dS feed the next product from registers).
+#pragma once
+
+#include "flash_common.cuh"
+
+namespace flash {
+namespace cuda {
+namespace detail {
+
+// Row pitch (elements) of mma tiles: the 16-byte pad puts the 8 rows an ldmatrix reads in 8
+// different bank groups for every head-dim bucket.
+__host__ __device__ constexpr int mma_pitch(int d) { return d + 8; }
+
+__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// 16-byte global -> shared copy; src_bytes = 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(ptr))
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(ptr))
+               : "memory");
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Issues the cp.async copies of a ROWS x D tile (row pitch mma_pitch(D) elements). Rows whose pointer is
+// null and chunks at or past head_dim are zero-filled.
+template <typename T, int D, int ROWS, typename RowPtr>
+__device__ __forceinline__ void cp_async_tile(T* tile, RowPtr row_ptr, int head_dim, const T* any_valid) {
+  constexpr int kChunks = D / 8;
+  constexpr int kPitch = mma_pitch(D);
+  for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kThreads) {
+    const int row = idx / kChunks;
+    const int c = idx - row * kChunks;
+    const T* src = c * 8 < head_dim ? row_ptr(row) : nullptr;
+    cp_async16(tile + row * kPitch + c * 8, src != nullptr ? src + c * 8 : any_valid, src != nullptr ? 16 : 0);
+  }
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace flash

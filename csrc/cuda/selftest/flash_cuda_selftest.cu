@@ -1,0 +1,520 @@
+// Standalone GPU self-test of the CUDA kernels against a float64 reference written from the
+// contracts (flash_params.h, philox.h, flash_common.cuh's key positions), without torch or the
+// binding: it tells a kernel bug from a binding bug in seconds. Not part of the build.
+//
+//   nvcc -std=c++17 -O2 --expt-relaxed-constexpr -arch=sm_90a -I csrc \
+//        csrc/cuda/selftest/flash_cuda_selftest.cu csrc/cuda/flash_fwd.cu csrc/cuda/flash_bwd.cu -o /tmp/flash_selftest
+//   /tmp/flash_selftest            # every case; exit status 1 when one fails
+//
+// Each forward case runs on the tensor-core kernel and on the SIMT kernel (FLASH_ATTN_CUDA_SIMT=1),
+// each backward case on the SIMT kernels and, where they apply, the tensor-core ones
+// (FLASH_ATTN_CUDA_MMA_BWD=1).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "flash_api.h"
+#include "flash_params.h"
+#include "philox.h"
+
+namespace {
+
+using flash::DType;
+
+#define CHECK_CUDA(expr)                                                                        \
+  do {                                                                                          \
+    cudaError_t err_ = (expr);                                                                  \
+    if (err_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(err_)); \
+      std::exit(2);                                                                             \
+    }                                                                                           \
+  } while (0)
+
+uint16_t to_bits(float x, DType dt) {
+  if (dt == DType::kFloat16) return __half_as_ushort(__float2half_rn(x));
+  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+float from_bits(uint16_t b, DType dt) {
+  if (dt == DType::kFloat16) return __half2float(__ushort_as_half(b));
+  return __bfloat162float(__ushort_as_bfloat16(b));
+}
+
+struct Case {
+  std::string name;
+  DType dtype = DType::kBFloat16;
+  int batch = 1, hq = 1, hkv = 1, d = 64;
+  std::vector<int> sq, sk;  // per sequence: query rows, stored key rows
+  bool varlen = false;
+  bool causal = false;
+  int wl = -1, wr = -1;
+  float softcap = 0.f;
+  int alibi = 0;  // 0 off, 1 per head, 2 per (batch, head)
+  float dropout = 0.f;
+  bool sinks = false;
+  std::vector<int> seqused, leftpad;  // empty: not given
+  int page_size = 0;                  // > 0: paged KV through a shuffled block table
+  bool cache_batch_idx = false;       // sequence b reads cache row batch - 1 - b
+  int num_splits = 1;                 // 0: heuristic
+  bool bwd = true;
+};
+
+struct Host {
+  std::vector<float> q, k, v, dout, alibi, sinks;
+  std::vector<int32_t> cu_q, cu_k, block_table, cache_idx;
+  int total_q = 0, cap_k = 0, kv_rows = 0, max_pages = 0, num_pages = 0;
+  int max_sq = 0, max_sk = 0;
+};
+
+// Where sequence b's cache position pos lives in the k / v buffers (elements, head 0).
+int64_t kv_index(const Case& c, const Host& h, int b, int pos) {
+  const int64_t row_elems = static_cast<int64_t>(c.hkv) * c.d;
+  if (c.page_size > 0) {
+    const int page = h.block_table[b * h.max_pages + pos / c.page_size];
+    return (static_cast<int64_t>(page) * c.page_size + pos % c.page_size) * row_elems;
+  }
+  if (c.varlen) return (h.cu_k[b] + pos) * row_elems;
+  const int kb = c.cache_batch_idx ? h.cache_idx[b] : b;
+  return (static_cast<int64_t>(kb) * h.cap_k + pos) * row_elems;
+}
+int64_t q_index(const Case& c, const Host& h, int b, int i) {
+  const int64_t row_elems = static_cast<int64_t>(c.hq) * c.d;
+  return c.varlen ? (h.cu_q[b] + i) * row_elems : (static_cast<int64_t>(b) * h.max_sq + i) * row_elems;
+}
+
+struct Ref {
+  std::vector<double> out, lse, dq, dk, dv, dsinks;
+};
+
+// float64 reference of forward and backward, straight from the contracts.
+Ref reference(const Case& c, const Host& h) {
+  Ref r;
+  const size_t q_elems = h.q.size(), k_elems = h.k.size();
+  r.out.assign(q_elems, 0.0);
+  r.dq.assign(q_elems, 0.0);
+  r.dk.assign(k_elems, 0.0);
+  r.dv.assign(k_elems, 0.0);
+  r.dsinks.assign(c.hq, 0.0);
+  r.lse.assign(static_cast<size_t>(c.batch) * c.hq * h.max_sq, 0.0);  // indexed (b, h, i)
+  const double scale = 1.0 / std::sqrt(static_cast<double>(c.d));
+  const int group = c.hq / c.hkv;
+  const uint32_t thr = flash::dropout_threshold(c.dropout);
+  const int wr = c.causal ? 0 : c.wr;
+  for (int b = 0; b < c.batch; ++b) {
+    const int sq = c.sq[b];
+    const int stored = c.sk[b];
+    const int end = c.seqused.empty() ? stored : std::min(c.seqused[b], stored);
+    const int first = c.leftpad.empty() ? 0 : c.leftpad[b];
+    const int sk = std::max(end - first, 0);
+    for (int hh = 0; hh < c.hq; ++hh) {
+      const int hk = hh / group;
+      const double slope = c.alibi == 0 ? 0.0 : h.alibi[(c.alibi == 2 ? b * c.hq : 0) + hh];
+      for (int i = 0; i < sq; ++i) {
+        const float* qi = &h.q[q_index(c, h, b, i) + hh * c.d];
+        const float* doi = &h.dout[q_index(c, h, b, i) + hh * c.d];
+        std::vector<double> s(sk, -INFINITY), t(sk, 0.0), z(sk, 0.0);
+        double mx = -INFINITY;
+        for (int j = 0; j < sk; ++j) {
+          const long diag = static_cast<long>(i) + sk - sq;
+          if ((wr >= 0 && j > diag + wr) || (c.wl >= 0 && j < diag - c.wl)) continue;
+          const float* kj = &h.k[kv_index(c, h, b, j + first) + hk * c.d];
+          double dot = 0;
+          for (int e = 0; e < c.d; ++e) dot += static_cast<double>(qi[e]) * kj[e];
+          double x = dot * scale;
+          if (c.softcap > 0) {
+            t[j] = std::tanh(x / c.softcap);
+            x = c.softcap * t[j];
+          }
+          x -= slope * std::fabs(static_cast<double>(i + sk - sq - j));
+          s[j] = x;
+          mx = std::max(mx, x);
+          const bool keep = c.dropout == 0.f ||
+                            flash::dropout_keep(0x1234567890ABCDEFull, 0x300000007ull,
+                                                static_cast<int64_t>(b) * c.hq + hh, i, j, thr);
+          z[j] = keep ? 1.0 / (1.0 - c.dropout) : 0.0;
+        }
+        const size_t li = (static_cast<size_t>(b) * c.hq + hh) * h.max_sq + i;
+        if (mx == -INFINITY) {
+          r.lse[li] = INFINITY;
+          continue;  // out = 0, no gradient
+        }
+        double total = 0;
+        for (int j = 0; j < sk; ++j) total += s[j] == -INFINITY ? 0.0 : std::exp(s[j] - mx);
+        if (c.sinks) total += std::exp(h.sinks[hh] - mx);
+        const double lse = mx + std::log(total);
+        r.lse[li] = lse;
+        std::vector<double> p(sk, 0.0), dp(sk, 0.0);
+        double* oi = &r.out[q_index(c, h, b, i) + hh * c.d];
+        for (int j = 0; j < sk; ++j) {
+          if (s[j] == -INFINITY) continue;
+          p[j] = std::exp(s[j] - lse);
+          const float* vj = &h.v[kv_index(c, h, b, j + first) + hk * c.d];
+          for (int e = 0; e < c.d; ++e) oi[e] += p[j] * z[j] * vj[e];
+        }
+        // Backward of this row: dP = Z * dO . V, Di = sum_j P dP, dS = P (dP - Di).
+        double di = 0;
+        for (int j = 0; j < sk; ++j) {
+          if (p[j] == 0.0) continue;
+          const float* vj = &h.v[kv_index(c, h, b, j + first) + hk * c.d];
+          double dot = 0;
+          for (int e = 0; e < c.d; ++e) dot += static_cast<double>(doi[e]) * vj[e];
+          dp[j] = z[j] * dot;
+          di += p[j] * dp[j];
+        }
+        if (c.sinks) r.dsinks[hh] -= std::exp(h.sinks[hh] - lse) * di;
+        for (int j = 0; j < sk; ++j) {
+          if (p[j] == 0.0) continue;
+          const int64_t kvi = kv_index(c, h, b, j + first) + hk * c.d;
+          const double ds = p[j] * (dp[j] - di) * (c.softcap > 0 ? 1.0 - t[j] * t[j] : 1.0) * scale;
+          for (int e = 0; e < c.d; ++e) {
+            r.dq[q_index(c, h, b, i) + hh * c.d + e] += ds * h.k[kvi + e];
+            r.dk[kvi + e] += ds * qi[e];
+            r.dv[kvi + e] += p[j] * z[j] * doi[e];
+          }
+        }
+      }
+    }
+  }
+  return r;
+}
+
+template <typename V>
+V* to_device(const std::vector<V>& host) {
+  if (host.empty()) return nullptr;
+  V* ptr = nullptr;
+  CHECK_CUDA(cudaMalloc(&ptr, host.size() * sizeof(V)));
+  CHECK_CUDA(cudaMemcpy(ptr, host.data(), host.size() * sizeof(V), cudaMemcpyHostToDevice));
+  return ptr;
+}
+uint16_t* to_device_elems(const std::vector<float>& host, DType dt) {
+  std::vector<uint16_t> bits(host.size());
+  for (size_t e = 0; e < host.size(); ++e) bits[e] = to_bits(host[e], dt);
+  return to_device(bits);
+}
+uint16_t* poisoned(size_t n) {
+  uint16_t* ptr = nullptr;
+  CHECK_CUDA(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(uint16_t)));
+  CHECK_CUDA(cudaMemset(ptr, 0xFF, std::max<size_t>(n, 1) * sizeof(uint16_t)));  // NaN in both dtypes
+  return ptr;
+}
+std::vector<float> from_device_elems(const uint16_t* dev, size_t n, DType dt) {
+  std::vector<uint16_t> bits(n);
+  CHECK_CUDA(cudaMemcpy(bits.data(), dev, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+  std::vector<float> out(n);
+  for (size_t e = 0; e < n; ++e) out[e] = from_bits(bits[e], dt);
+  return out;
+}
+
+// max |got - ref| / max(1, max |ref|); NaN anywhere gives +inf.
+double rel_err(const std::vector<float>& got, const std::vector<double>& ref) {
+  double err = 0, mag = 1;
+  for (size_t e = 0; e < ref.size(); ++e) {
+    if (std::isnan(got[e])) return INFINITY;
+    err = std::max(err, std::fabs(got[e] - ref[e]));
+    mag = std::max(mag, std::fabs(ref[e]));
+  }
+  return err / mag;
+}
+
+int failures = 0;
+
+void report(const Case& c, const char* what, double err, double tol) {
+  const bool ok = err <= tol;
+  if (!ok) ++failures;
+  std::printf("  %-5s %-8s err %.3e (tol %.1e)%s\n", ok ? "ok" : "FAIL", what, err, tol, ok ? "" : "   <<<<<");
+  (void)c;
+}
+
+void run_case(const Case& c) {
+  std::printf("%s [%s]\n", c.name.c_str(), c.dtype == DType::kFloat16 ? "fp16" : "bf16");
+  std::mt19937 rng(1234);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  auto rnd = [&](std::vector<float>& vec, size_t n, float sd) {
+    vec.resize(n);
+    for (auto& x : vec) x = from_bits(to_bits(sd * normal(rng), c.dtype), c.dtype);  // exactly representable
+  };
+  Host h;
+  h.max_sq = *std::max_element(c.sq.begin(), c.sq.end());
+  h.max_sk = *std::max_element(c.sk.begin(), c.sk.end());
+  h.cu_q.assign(1, 0);
+  h.cu_k.assign(1, 0);
+  for (int b = 0; b < c.batch; ++b) {
+    h.cu_q.push_back(h.cu_q.back() + c.sq[b]);
+    h.cu_k.push_back(h.cu_k.back() + c.sk[b]);
+  }
+  h.total_q = c.varlen ? h.cu_q.back() : c.batch * h.max_sq;
+  h.cap_k = h.max_sk;
+  if (c.page_size > 0) {
+    h.max_pages = (h.max_sk + c.page_size - 1) / c.page_size;
+    h.num_pages = h.max_pages * c.batch + 3;
+    std::vector<int32_t> pages(h.num_pages);
+    for (int e = 0; e < h.num_pages; ++e) pages[e] = e;
+    std::shuffle(pages.begin(), pages.end(), rng);
+    h.block_table.assign(pages.begin(), pages.begin() + h.max_pages * c.batch);
+    h.kv_rows = h.num_pages * c.page_size;
+  } else {
+    h.kv_rows = c.varlen ? h.cu_k.back() : c.batch * h.cap_k;
+  }
+  if (c.cache_batch_idx) {
+    for (int b = 0; b < c.batch; ++b) h.cache_idx.push_back(c.batch - 1 - b);
+  }
+  rnd(h.q, static_cast<size_t>(h.total_q) * c.hq * c.d, 1.f);
+  rnd(h.k, static_cast<size_t>(h.kv_rows) * c.hkv * c.d, 1.f);
+  rnd(h.v, static_cast<size_t>(h.kv_rows) * c.hkv * c.d, 1.f);
+  rnd(h.dout, h.q.size(), 1.f);
+  if (c.alibi) {
+    h.alibi.resize(static_cast<size_t>(c.alibi == 2 ? c.batch : 1) * c.hq);
+    for (auto& x : h.alibi) x = 0.05f + 0.2f * std::fabs(normal(rng));
+  }
+  if (c.sinks) {
+    h.sinks.resize(c.hq);
+    for (auto& x : h.sinks) x = normal(rng);
+  }
+  const Ref ref = reference(c, h);
+
+  uint16_t* dq_ = to_device_elems(h.q, c.dtype);
+  uint16_t* dk_ = to_device_elems(h.k, c.dtype);
+  uint16_t* dv_ = to_device_elems(h.v, c.dtype);
+  uint16_t* ddo = to_device_elems(h.dout, c.dtype);
+  uint16_t* dout = poisoned(h.q.size());
+  float* dalibi = to_device(h.alibi);
+  float* dsinks_in = to_device(h.sinks);
+  int32_t* dcu_q = c.varlen ? to_device(h.cu_q) : nullptr;
+  int32_t* dcu_k = c.varlen ? to_device(h.cu_k) : nullptr;
+  int32_t* dseqused = to_device(std::vector<int32_t>(c.seqused.begin(), c.seqused.end()));
+  int32_t* dleftpad = to_device(std::vector<int32_t>(c.leftpad.begin(), c.leftpad.end()));
+  int32_t* dbt = to_device(h.block_table);
+  int32_t* dcache = to_device(h.cache_idx);
+  const size_t lse_n = c.varlen ? static_cast<size_t>(c.hq) * h.total_q : static_cast<size_t>(c.batch) * c.hq * h.max_sq;
+  float* dlse = nullptr;
+  CHECK_CUDA(cudaMalloc(&dlse, std::max<size_t>(lse_n, 1) * sizeof(float)));
+
+  flash::FlashBwdParams p;
+  p.q = dq_;
+  p.k = dk_;
+  p.v = dv_;
+  p.out = dout;
+  p.softmax_lse = dlse;
+  const int64_t q_row = static_cast<int64_t>(c.hq) * c.d, k_row = static_cast<int64_t>(c.hkv) * c.d;
+  p.q_row_stride = p.o_row_stride = p.do_row_stride = p.dq_row_stride = q_row;
+  p.q_head_stride = p.o_head_stride = p.do_head_stride = p.dq_head_stride = c.d;
+  p.q_batch_stride = p.o_batch_stride = p.do_batch_stride = p.dq_batch_stride = c.varlen ? 0 : q_row * h.max_sq;
+  p.k_row_stride = p.v_row_stride = p.dk_row_stride = p.dv_row_stride = k_row;
+  p.k_head_stride = p.v_head_stride = p.dk_head_stride = p.dv_head_stride = c.d;
+  const int64_t kb = c.page_size > 0 ? k_row * c.page_size : (c.varlen ? 0 : k_row * h.cap_k);
+  p.k_batch_stride = p.v_batch_stride = p.dk_batch_stride = p.dv_batch_stride = kb;
+  p.batch = c.batch;
+  p.seqlen_q = h.max_sq;
+  p.seqlen_k = c.page_size > 0 ? h.max_pages * c.page_size : h.max_sk;
+  p.heads_q = c.hq;
+  p.heads_kv = c.hkv;
+  p.head_dim = c.d;
+  p.dtype = c.dtype;
+  p.softmax_scale = 1.f / std::sqrt(static_cast<float>(c.d));
+  p.is_causal = c.causal;
+  p.window_left = c.wl;
+  p.window_right = c.causal ? 0 : c.wr;
+  p.softcap = c.softcap;
+  p.alibi_slopes = dalibi;
+  p.alibi_batch_stride = c.alibi == 2 ? c.hq : 0;
+  p.sinks = dsinks_in;
+  p.dropout_p = c.dropout;
+  p.philox_seed = 0x1234567890ABCDEFull;
+  p.philox_offset = 0x300000007ull;
+  p.cu_seqlens_q = dcu_q;
+  p.cu_seqlens_k = dcu_k;
+  p.seqused_k = dseqused;
+  p.leftpad_k = dleftpad;
+  p.block_table = dbt;
+  p.block_table_batch_stride = h.max_pages;
+  p.page_size = c.page_size;
+  p.cache_batch_idx = dcache;
+  p.num_splits = c.num_splits;
+
+  const double tol_out = c.dtype == DType::kFloat16 ? 4e-3 : 2e-2;
+  for (int simt = 0; simt < 2; ++simt) {
+    setenv("FLASH_ATTN_CUDA_SIMT", simt ? "1" : "0", 1);
+    flash::FlashFwdParams fp = p;
+    fp.num_splits = flash::cuda::fwd_num_splits(fp);
+    float* accum = nullptr;
+    if (fp.num_splits > 1) {
+      CHECK_CUDA(cudaMalloc(&accum, flash::cuda::fwd_workspace_bytes(fp)));
+      fp.out_accum = accum;
+      fp.lse_accum = accum + static_cast<size_t>(fp.num_splits) * c.batch * c.hq * h.max_sq * c.d;
+    }
+    CHECK_CUDA(cudaMemset(dout, 0xFF, h.q.size() * sizeof(uint16_t)));
+    CHECK_CUDA(cudaMemset(dlse, 0xFF, std::max<size_t>(lse_n, 1) * sizeof(float)));
+    flash::cuda::run_fwd(fp, nullptr);
+    CHECK_CUDA(cudaDeviceSynchronize());
+    if (accum) CHECK_CUDA(cudaFree(accum));
+    const std::vector<float> out = from_device_elems(dout, h.q.size(), c.dtype);
+    std::vector<float> lse(std::max<size_t>(lse_n, 1));
+    CHECK_CUDA(cudaMemcpy(lse.data(), dlse, lse.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    double lse_err = 0;
+    for (int b = 0; b < c.batch; ++b) {
+      for (int hh = 0; hh < c.hq; ++hh) {
+        for (int i = 0; i < c.sq[b]; ++i) {
+          const double want = ref.lse[(static_cast<size_t>(b) * c.hq + hh) * h.max_sq + i];
+          const size_t at = c.varlen ? static_cast<size_t>(hh) * h.total_q + h.cu_q[b] + i
+                                     : (static_cast<size_t>(b) * c.hq + hh) * h.max_sq + i;
+          const double got = lse[at];
+          if (std::isinf(want) || std::isinf(got) || std::isnan(got)) {
+            if (!(std::isinf(want) && std::isinf(got) && got > 0)) lse_err = INFINITY;
+          } else {
+            lse_err = std::max(lse_err, std::fabs(got - want));
+          }
+        }
+      }
+    }
+    char label[32];
+    std::snprintf(label, sizeof(label), "out/%s/s%d", simt ? "simt" : "mma", fp.num_splits);
+    report(c, label, rel_err(out, ref.out), tol_out);
+    report(c, "lse", lse_err, 1e-3);
+  }
+
+  // Backward: SIMT kernels, then the opt-in tensor-core kernels (head dims <= 128, no dropout).
+  for (int mma = 0; c.bwd && mma < 2; ++mma) {
+    if (mma && (c.d > 128 || c.dropout > 0.f)) break;
+    setenv("FLASH_ATTN_CUDA_SIMT", mma ? "0" : "1", 1);
+    setenv("FLASH_ATTN_CUDA_MMA_BWD", mma ? "1" : "0", 1);
+    uint16_t* ddq = poisoned(h.q.size());
+    uint16_t* ddk = poisoned(h.k.size());
+    uint16_t* ddv = poisoned(h.v.size());
+    float* ddsinks = nullptr;
+    if (c.sinks) CHECK_CUDA(cudaMalloc(&ddsinks, c.hq * sizeof(float)));
+    flash::FlashBwdParams bp = p;
+    bp.num_splits = 1;
+    bp.dout = ddo;
+    bp.dq = ddq;
+    bp.dk = ddk;
+    bp.dv = ddv;
+    bp.dsinks = ddsinks;
+    const size_t ws = flash::cuda::bwd_workspace_bytes(bp);
+    float* dws = nullptr;
+    CHECK_CUDA(cudaMalloc(&dws, std::max<size_t>(ws, 4)));
+    CHECK_CUDA(cudaMemset(dws, 0, std::max<size_t>(ws, 4)));
+    bp.workspace = dws;
+    flash::cuda::run_bwd(bp, nullptr);
+    CHECK_CUDA(cudaDeviceSynchronize());
+    const double tol_g = 3 * tol_out;
+    report(c, mma ? "dq/mma" : "dq/simt", rel_err(from_device_elems(ddq, h.q.size(), c.dtype), ref.dq), tol_g);
+    report(c, mma ? "dk/mma" : "dk/simt", rel_err(from_device_elems(ddk, h.k.size(), c.dtype), ref.dk), tol_g);
+    report(c, mma ? "dv/mma" : "dv/simt", rel_err(from_device_elems(ddv, h.v.size(), c.dtype), ref.dv), tol_g);
+    if (c.sinks) {
+      std::vector<float> ds(c.hq);
+      CHECK_CUDA(cudaMemcpy(ds.data(), ddsinks, c.hq * sizeof(float), cudaMemcpyDeviceToHost));
+      report(c, "dsinks", rel_err(ds, ref.dsinks), tol_g);  // Di comes from the rounded output
+      CHECK_CUDA(cudaFree(ddsinks));
+    }
+    CHECK_CUDA(cudaFree(ddq));
+    CHECK_CUDA(cudaFree(ddk));
+    CHECK_CUDA(cudaFree(ddv));
+    CHECK_CUDA(cudaFree(dws));
+  }
+  for (void* ptr : {static_cast<void*>(dq_), static_cast<void*>(dk_), static_cast<void*>(dv_), static_cast<void*>(ddo),
+                    static_cast<void*>(dout), static_cast<void*>(dalibi), static_cast<void*>(dsinks_in),
+                    static_cast<void*>(dcu_q), static_cast<void*>(dcu_k), static_cast<void*>(dseqused),
+                    static_cast<void*>(dleftpad), static_cast<void*>(dbt), static_cast<void*>(dcache),
+                    static_cast<void*>(dlse)}) {
+    if (ptr) CHECK_CUDA(cudaFree(ptr));
+  }
+}
+
+Case make(const std::string& name, int batch, int sq, int sk, int hq, int hkv, int d) {
+  Case c;
+  c.name = name;
+  c.batch = batch;
+  c.sq.assign(batch, sq);
+  c.sk.assign(batch, sk);
+  c.hq = hq;
+  c.hkv = hkv;
+  c.d = d;
+  return c;
+}
+
+}  // namespace
+
+int main() {
+  std::vector<Case> cases;
+  cases.push_back(make("basic", 2, 77, 77, 2, 2, 64));
+  { Case c = make("causal sq<sk", 2, 40, 100, 2, 2, 128); c.causal = true; cases.push_back(c); }
+  { Case c = make("causal sq>sk (masked rows)", 1, 100, 40, 2, 1, 64); c.causal = true; cases.push_back(c); }
+  { Case c = make("window(16,8)", 2, 90, 130, 2, 2, 96); c.wl = 16; c.wr = 8; cases.push_back(c); }
+  { Case c = make("gqa 6/2 causal", 2, 50, 70, 6, 2, 32); c.causal = true; cases.push_back(c); }
+  { Case c = make("mqa 4/1 local", 1, 64, 64, 4, 1, 64); c.wl = 5; c.wr = 0; cases.push_back(c); }
+  { Case c = make("softcap+alibi(b,h) d=80", 2, 45, 61, 2, 2, 80); c.softcap = 30.f; c.alibi = 2; cases.push_back(c); }
+  { Case c = make("alibi(h) causal d=40", 1, 33, 33, 3, 3, 40); c.alibi = 1; c.causal = true; cases.push_back(c); }
+  { Case c = make("dropout 0.17", 2, 70, 90, 2, 1, 64); c.dropout = 0.17f; cases.push_back(c); }
+  { Case c = make("dropout+causal+softcap", 1, 64, 64, 2, 2, 32); c.dropout = 0.3f; c.causal = true; c.softcap = 5.f; cases.push_back(c); }
+  { Case c = make("sinks causal", 2, 60, 60, 4, 2, 64); c.sinks = true; c.causal = true; cases.push_back(c); }
+  { Case c = make("sinks masked rows", 1, 50, 20, 2, 2, 64); c.sinks = true; c.causal = true; cases.push_back(c); }
+  { Case c = make("d=256", 1, 70, 70, 2, 2, 256); c.causal = true; cases.push_back(c); }
+  { Case c = make("d=8", 1, 40, 50, 2, 2, 8); cases.push_back(c); }
+  { Case c = make("d=200 window", 1, 50, 80, 2, 1, 200); c.wl = 20; c.wr = 3; cases.push_back(c); }
+  {
+    Case c = make("varlen", 4, 1, 1, 4, 2, 64);
+    c.varlen = true;
+    c.sq = {0, 1, 37, 64};
+    c.sk = {5, 0, 50, 64};
+    c.causal = true;
+    cases.push_back(c);
+  }
+  {
+    Case c = make("varlen seqused+leftpad+dropout", 3, 1, 1, 2, 2, 64);
+    c.varlen = true;
+    c.sq = {20, 33, 7};
+    c.sk = {40, 33, 70};
+    c.seqused = {35, 33, 10};
+    c.leftpad = {3, 0, 2};
+    c.dropout = 0.2f;
+    c.causal = true;
+    cases.push_back(c);
+  }
+  for (int ps : {1, 16, 256}) {
+    Case c = make("paged decode page=" + std::to_string(ps), 3, 1, 300, 8, 1, 128);
+    c.page_size = ps;
+    c.seqused = {300, 17, 1};
+    c.causal = true;
+    c.num_splits = 0;
+    c.bwd = false;
+    cases.push_back(c);
+  }
+  {
+    Case c = make("kvcache cache_batch_idx+leftpad splits=4 sinks", 3, 4, 200, 4, 2, 64);
+    c.cache_batch_idx = true;
+    c.seqused = {200, 90, 5};
+    c.leftpad = {10, 0, 5};
+    c.num_splits = 4;
+    c.causal = true;
+    c.sinks = true;
+    c.bwd = false;
+    cases.push_back(c);
+  }
+  {
+    Case c = make("splits=3 alibi window", 2, 8, 500, 2, 2, 96);
+    c.num_splits = 3;
+    c.alibi = 1;
+    c.wl = 100;
+    c.wr = 10;
+    c.bwd = false;
+    cases.push_back(c);
+  }
+  for (const Case& base : cases) {
+    for (DType dt : {DType::kBFloat16, DType::kFloat16}) {
+      Case c = base;
+      c.dtype = dt;
+      run_case(c);
+    }
+  }
+  std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
+  return failures ? 1 : 0;
+}
