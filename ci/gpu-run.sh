@@ -8,12 +8,12 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/_gpu-out}
 mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+# Wheels carried in .whl/ (and pyarrow, too large to travel with them, installed by an earlier call
+# into /tmp/site) go to /tmp/site.
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
 fi
+export PYTHONPATH=/tmp/site:$PWD
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
   python3 -c "import torch, kernels; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'kernels', kernels.__version__)"
@@ -26,6 +26,7 @@ build_rc=${PIPESTATUS[0]}
 
 python3 -m pytest -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests.log"
 test_rc=${PIPESTATUS[0]}
+echo "pytest exit code $test_rc" | tee -a "$OUT/tests.log"
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   # shellcheck disable=SC2086

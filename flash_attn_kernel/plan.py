@@ -176,7 +176,7 @@ class PlannedVariant:
 
 
 def _narrowed(archs: tuple[str, ...]) -> tuple[str, ...]:
-    """`archs` limited to $FLASH_ATTN_CUDA_ARCHS (e.g. "9.0" or "8.0;9.0") when set.
+    """`archs` limited to $FLASH_ATTN_CUDA_ARCHS (e.g. "9.0" or "8.0;9.0"; "9.0" keeps "9.0a") when set.
 
     For development builds only: compiling one architecture instead of six cuts a CUDA build
     several-fold. metadata.json then lists just those archs, so the build stays honest.
@@ -184,7 +184,8 @@ def _narrowed(archs: tuple[str, ...]) -> tuple[str, ...]:
     wanted = os.environ.get("FLASH_ATTN_CUDA_ARCHS")
     if not wanted:
         return archs
-    keep = tuple(a for a in archs if a in {w.strip() for w in wanted.replace(",", ";").split(";")})
+    names = {w.strip() for w in wanted.replace(",", ";").split(";")}
+    keep = tuple(a for a in archs if a in names or a.rstrip("af") in names)  # "9.0" also keeps "9.0a"
     if not keep:
         raise PipelineError(f"FLASH_ATTN_CUDA_ARCHS={wanted!r} keeps none of {list(archs)}",
                             fix="name archs from that list, or unset FLASH_ATTN_CUDA_ARCHS")

@@ -11,6 +11,7 @@ without a network.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections import Counter
@@ -123,6 +124,8 @@ class KernelCallSpy:
                 monkeypatch.setattr(mfau, attr, self._wrap(name, fn))
 
     def _wrap(self, name: str, fn):
+        # functools.wraps keeps the signature visible: transformers inspects it (e.g. for block_table).
+        @functools.wraps(fn)
         def spy(*args, **kwargs):
             self.calls[name] += 1
             self.kwargs.setdefault(name, set()).update(k for k, v in kwargs.items() if v is not None)

@@ -10,8 +10,8 @@
 // with P_ij = exp(s_ij - lse_i) recomputed from softmax_lse, Z_ij = keep / (1 - p) (dropout),
 // dP_ij = Z_ij * dO_i . V_j, dS_ij = P_ij (dP_ij - Di) and cap' = 1 - tanh^2 the softcap derivative.
 // Query rows are packed over the GQA group as in the forward (flash_fwd.cu). Kernels 3 and 4 are
-// SIMT (fp32 math, every feature); with FLASH_ATTN_CUDA_MMA_BWD=1, head dims <= 128 without dropout
-// use their tensor-core versions (flash_bwd_mma.cuh) instead.
+// SIMT (fp32 math, every feature); head dims <= 128 without dropout use their tensor-core versions
+// (flash_bwd_mma.cuh) instead, unless FLASH_ATTN_CUDA_SIMT=1.
 #include "flash_bwd_mma.cuh"
 #include "flash_common.cuh"
 #include "flash_api.h"
@@ -354,7 +354,7 @@ void launch_bwd(const BwdArgs& args, cudaStream_t stream) {
     check_launch("dsinks_kernel launch");
   }
   if constexpr (D <= 128) {
-    if (!args.s.dropout && env_flag("FLASH_ATTN_CUDA_MMA_BWD") && !env_flag("FLASH_ATTN_CUDA_SIMT")) {
+    if (!args.s.dropout && !env_flag("FLASH_ATTN_CUDA_SIMT")) {
       using Tr = BwdMmaTraits<D>;
       if (p.seqlen_q > 0) {
         set_smem(dq_mma_kernel<T, D>, Tr::kDqSmem, "cudaFuncSetAttribute(dq_mma_kernel)");

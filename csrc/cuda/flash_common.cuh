@@ -281,7 +281,6 @@ inline void set_smem(Kernel kernel, size_t bytes, const char* name) {
 
 // Kernel-selection switches read from the environment on every call:
 //   FLASH_ATTN_CUDA_SIMT=1     SIMT kernels only (tells a tensor-core bug from a contract bug)
-//   FLASH_ATTN_CUDA_MMA_BWD=1  tensor-core backward (opt-in until validated on hardware)
 inline bool env_flag(const char* name) {
   const char* value = std::getenv(name);
   return value != nullptr && value[0] == '1';

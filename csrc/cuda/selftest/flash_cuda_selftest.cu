@@ -7,8 +7,7 @@
 //   /tmp/flash_selftest            # every case; exit status 1 when one fails
 //
 // Each forward case runs on the tensor-core kernel and on the SIMT kernel (FLASH_ATTN_CUDA_SIMT=1),
-// each backward case on the SIMT kernels and, where they apply, the tensor-core ones
-// (FLASH_ATTN_CUDA_MMA_BWD=1).
+// each backward case on the SIMT kernels and, where they apply, the tensor-core ones (the default).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -381,11 +380,10 @@ void run_case(const Case& c) {
     report(c, "lse", lse_err, 1e-3);
   }
 
-  // Backward: SIMT kernels, then the opt-in tensor-core kernels (head dims <= 128, no dropout).
+  // Backward: SIMT kernels, then the tensor-core kernels (head dims <= 128, no dropout).
   for (int mma = 0; c.bwd && mma < 2; ++mma) {
     if (mma && (c.d > 128 || c.dropout > 0.f)) break;
     setenv("FLASH_ATTN_CUDA_SIMT", mma ? "0" : "1", 1);
-    setenv("FLASH_ATTN_CUDA_MMA_BWD", mma ? "1" : "0", 1);
     uint16_t* ddq = poisoned(h.q.size());
     uint16_t* ddk = poisoned(h.k.size());
     uint16_t* ddv = poisoned(h.v.size());
