@@ -30,10 +30,12 @@ for device in devices:
     dtype = torch.bfloat16
     q, k, v = (torch.randn(2, 256, 8, 64, device=device, dtype=dtype) for _ in range(3))
     out = fa.flash_attn_func(q, k, v, causal=True)
-    ref = attention_ref(q, k, v, causal=True)
-    err = (out.float() - ref.float()).abs().max().item()
-    ok = bool(torch.isfinite(out).all()) and err < 2e-2
-    results.append({"device": device, "module": fa.__name__, "max_abs_err": err, "ok": ok})
+    ref, _ = attention_ref(q, k, v, causal=True, compute_dtype=torch.float32)
+    lowp, _ = attention_ref(q, k, v, causal=True)  # the same math in bf16: DESIGN.md's yardstick
+    err = (out.float() - ref).abs().max().item()
+    bound = 2 * (lowp.float() - ref).abs().max().item() + 1e-3
+    ok = bool(torch.isfinite(out).all()) and err <= bound
+    results.append({"device": device, "module": fa.__name__, "max_abs_err": err, "bound": bound, "ok": ok})
 print(json.dumps(results))
 """
 
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     for r in results:
         status = "ok" if r["ok"] else "WRONG"
-        print(f"   {r['device']:4s} {r['module']}: flash_attn_func max |err| vs reference {r['max_abs_err']:.2e}  {status}")
+        print(f"   {r['device']:4s} {r['module']}: flash_attn_func max |err| vs fp32 reference {r['max_abs_err']:.2e} "
+              f"(bound {r['bound']:.2e}: 2x bf16 math + 1e-3)  {status}")
     if not all(r["ok"] for r in results):
         raise PipelineError("the published kernel loaded but its output does not match reference attention")
     print(f"done: LOCAL_KERNELS={local_kernels} makes "
