@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         for name, fn in impls.items():
             rec = _measure(fn, name, op, dtype_name, batch, seqlen, heads, hdim, causal, device, repeats)
             records.append(rec)
-            shown = f"{rec.ms:8.3f} ms {rec.tflops:7.1f} TFLOP/s" if rec.ms is not None else f"skipped: {rec.error}"
+            shown = f"{rec.ms:8.3f} ms {rec.tflops:7.3g} TFLOP/s" if rec.ms is not None else f"skipped: {rec.error}"
             print(f"    {name:28s} {shown}", flush=True)
 
     name = args.name or f"attention-{device}-{_slug(_device_name(device))}-{_dt.date.today().isoformat()}"
@@ -250,7 +250,7 @@ def markdown_table(doc: dict) -> str:
              "| op | dtype | hdim | seqlen | causal | " + " | ".join(impls) + " | ours / best peer |",
              "|" + "---|" * (len(impls) + 6)]
     for (op, dtype, hdim, seqlen, causal), vals in sorted(by_point.items()):
-        cells = [f"{vals[n]:.1f}" if vals.get(n) else "—" for n in impls]
+        cells = [f"{vals[n]:.3g}" if vals.get(n) else "—" for n in impls]
         peers = [v for n, v in vals.items() if n not in ours and v]
         ratio = f"{vals[ours[0]] / max(peers):.2f}x" if ours and vals.get(ours[0]) and peers else "—"
         lines.append(f"| {op} | {dtype} | {hdim} | {seqlen} | {causal} | " + " | ".join(cells) + f" | {ratio} |")

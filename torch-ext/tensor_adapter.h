@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include <torch/csrc/stable/c/shim.h>  // torch_parallel_for, in both ABIs
 #ifdef TORCH_TARGET_VERSION
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
@@ -23,7 +24,6 @@
 #include <torch/headeronly/core/ScalarType.h>
 #else
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/library.h>
@@ -128,13 +128,20 @@ class __attribute__((visibility("hidden"))) DeviceGuard {
 #endif
 };
 
-// flash::ParallelFor over torch's intra-op thread pool (grain 1: items are whole tiles).
+// flash::ParallelFor over torch's intra-op thread pool (grain 1: items are whole tiles), through
+// torch's C shim in both ABIs: at::parallel_for is a header template whose OpenMP pragmas run
+// serially unless this module is compiled with -fopenmp; the shim runs inside libtorch.
 inline void parallel_for(int64_t n, void* ctx, void (*fn)(void* ctx, int64_t begin, int64_t end)) {
-#ifdef TORCH_TARGET_VERSION
-  torch::stable::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) { fn(ctx, begin, end); });
-#else
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) { fn(ctx, begin, end); });
-#endif
+  struct Call {
+    void* ctx;
+    void (*fn)(void* ctx, int64_t begin, int64_t end);
+  } call{ctx, fn};
+  auto trampoline = [](int64_t begin, int64_t end, void* c) {
+    auto* call = static_cast<Call*>(c);
+    call->fn(call->ctx, begin, end);
+  };
+  if (torch_parallel_for(0, n, 1, trampoline, &call) != AOTI_TORCH_SUCCESS)
+    throw std::runtime_error("torch_parallel_for failed while running the CPU kernel");
 }
 
 }  // namespace flash_binding
