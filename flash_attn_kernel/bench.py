@@ -157,7 +157,6 @@ def _load_kernel(project: Path, device: str):
 
 def _implementations(kernel, device: str) -> dict:
     """name -> fn(q, k, v, causal) for our kernel and every SDPA backend usable on `device`."""
-    import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
@@ -178,7 +177,6 @@ def _implementations(kernel, device: str) -> dict:
     else:
         impls["sdpa-flash"] = sdpa_with(SDPBackend.FLASH_ATTENTION)
         impls["sdpa-math"] = sdpa_with(SDPBackend.MATH)
-    del torch
     return impls
 
 

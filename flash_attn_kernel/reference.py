@@ -193,8 +193,6 @@ def attention_varlen_ref(
 def rotary_ref(x: "torch.Tensor", cos: "torch.Tensor", sin: "torch.Tensor", positions: "torch.Tensor",
                interleaved: bool) -> "torch.Tensor":
     """Rotary embedding of x (b, s, h, d) at positions (b, s), computed in float32, back in x's dtype."""
-    import torch
-
     rd = 2 * cos.shape[-1]
     out = x.float().clone()
     c = cos.float()[positions][:, :, None, :]  # (b, s, 1, rd/2)
