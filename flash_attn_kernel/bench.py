@@ -290,7 +290,7 @@ def _nvidia_smi(fields: str) -> str | None:
         return None
 
 
-def _git_commit(project: Path) -> str | None:
+def git_commit(project: Path) -> str | None:
     proc = subprocess.run(["git", "-C", str(project), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
     if proc.returncode != 0:
         return None
@@ -308,14 +308,13 @@ def command_line() -> str:
     return " ".join([head, *argv])
 
 
-def describe_run(device: str, kernel, settings: Settings, project: Path) -> dict:
-    """The header of a results file: card, clocks, driver and every version the figures depend on."""
+def environment(device: str) -> dict:
+    """Card, clocks, driver and the versions every recorded figure depends on."""
     import kernels
     import torch
 
     cuda = device == "cuda"
-    doc = {
-        "kind": "attention",
+    return {
         "device": _device_name(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -328,21 +327,27 @@ def describe_run(device: str, kernel, settings: Settings, project: Path) -> dict
         "power_limit": _nvidia_smi("power.limit") if cuda else None,
         "cpu_threads": torch.get_num_threads(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def describe_run(device: str, kernel, settings: Settings, project: Path) -> dict:
+    """The header of a results file: environment(), the command, and how figures were measured."""
+    cuda = device == "cuda"
+    how = "CUDA events" if cuda else "perf_counter"
+    return {
+        "kind": "attention",
+        **environment(device),
         "command": command_line(),
         "commands": [command_line()],
-        "git": _git_commit(project),
+        "git": git_commit(project),
         "kernel": getattr(kernel, "__name__", None),
         "memory_method": MEMORY_METHOD[device],
         "peer_sources": peer_sources(),
-        "timing": (f"CUDA events around each call after {settings.warmup} warm-up call, median of "
-                   f"{settings.min_repeats}..{settings.repeats} calls (stopping after {settings.point_seconds} s)"
-                   if cuda else
-                   f"perf_counter around each call after {settings.warmup} warm-up call, median of "
+        "timing": (f"{how} around each call after {settings.warmup} warm-up call, median of "
                    f"{settings.min_repeats}..{settings.repeats} calls (stopping after {settings.point_seconds} s)"),
         "complete": False,
         "records": [],
     }
-    return doc
 
 
 def _version_of(module: str) -> str | None:
