@@ -12,13 +12,18 @@
 // Query rows are packed over the GQA group as in the forward (flash_fwd.cu). Kernels 3 and 4 are
 // SIMT (fp32 math, every feature); head dims <= 128 without dropout use their tensor-core versions
 // (flash_bwd_mma.cuh) instead, unless FLASH_ATTN_CUDA_SIMT=1.
-#include "flash_bwd_mma.cuh"
 #include "flash_common.cuh"
 #include "flash_api.h"
 
 namespace flash {
 namespace cuda {
 namespace detail {
+
+// The tensor-core backward (flash_bwd_mma.cuh) for head dims <= 128, instantiated per head dim in
+// instantiations/.
+template <typename T, int D>
+void launch_bwd_mma(const BwdArgs& args, cudaStream_t stream);
+
 namespace {
 
 template <typename T>
@@ -354,22 +359,7 @@ void launch_bwd(const BwdArgs& args, cudaStream_t stream) {
     check_launch("dsinks_kernel launch");
   }
   if constexpr (D <= 128) {
-    if (!args.s.dropout && !env_flag("FLASH_ATTN_CUDA_SIMT")) {
-      using Tr = BwdMmaTraits<D>;
-      if (p.seqlen_q > 0) {
-        set_smem(dq_mma_kernel<T, D>, Tr::kDqSmem, "cudaFuncSetAttribute(dq_mma_kernel)");
-        const dim3 grid(ceil_div(p.seqlen_q * args.s.group, Tr::kBlockM), p.heads_kv, p.batch);
-        dq_mma_kernel<T, D><<<grid, kThreads, Tr::kDqSmem, stream>>>(args);
-        check_launch("dq_mma_kernel launch");
-      }
-      if (p.seqlen_k > 0) {
-        set_smem(dkdv_mma_kernel<T, D>, Tr::kDkdvSmem, "cudaFuncSetAttribute(dkdv_mma_kernel)");
-        const dim3 grid(ceil_div(p.seqlen_k, Tr::kKeys), p.heads_kv, p.batch);
-        dkdv_mma_kernel<T, D><<<grid, kThreads, Tr::kDkdvSmem, stream>>>(args);
-        check_launch("dkdv_mma_kernel launch");
-      }
-      return;
-    }
+    if (!args.s.dropout && !env_flag("FLASH_ATTN_CUDA_SIMT")) return launch_bwd_mma<T, D>(args, stream);
   }
   if (p.seqlen_q > 0) {
     constexpr size_t smem = dq_smem_bytes<D>();

@@ -4,8 +4,12 @@
 // goes through shared memory.
 //   dq_mma_kernel    4 warps x 16 packed query rows; per key block: S = Q K^T, dP = dO V^T,
 //                    dS = P (dP - Di) cap' scale, dQ += dS K.
-//   dkdv_mma_kernel  4 warps x 16 keys; per block of 32 packed query rows: S^T = K Q^T,
-//                    dP^T = V dO^T, dV += P^T dO, dK += dS^T Q (summed over the KV group's heads).
+//   dkdv_mma_kernel  4 warps x 16 keys; per block of 32 packed query rows (double-buffered):
+//                    S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q (summed over the KV
+//                    group's heads).
+// As in the forward (flash_fwd_mma.cuh), kPlain instantiations (no softcap, no ALiBi) have no
+// modifier code and compute P = 2^(S scale log2(e) - lse log2(e)), and the mask runs only on tiles
+// some (row, key) pair of which is not visible.
 #pragma once
 
 #include "flash_mma.cuh"
@@ -23,10 +27,10 @@ struct BwdMmaTraits {
   static constexpr int kRows = 32;                  // dkdv: packed query rows per step
   static constexpr int kPitch = mma_pitch(D);
   static constexpr size_t kDqSmem = sizeof(uint16_t) * (2 * kBlockM + 4 * kBlockN) * kPitch;
-  static constexpr size_t kDkdvSmem = sizeof(uint16_t) * (2 * kKeys + 2 * kRows) * kPitch + 4 * sizeof(float) * kRows;
+  static constexpr size_t kDkdvSmem = sizeof(uint16_t) * (2 * kKeys + 4 * kRows) * kPitch + 8 * sizeof(float) * kRows;
 };
 
-template <typename T, int D>
+template <typename T, int D, bool kPlain>
 __global__ void __launch_bounds__(kThreads, 1) dq_mma_kernel(const BwdArgs args) {
   using Tr = BwdMmaTraits<D>;
   constexpr int BM = Tr::kBlockM;
@@ -53,9 +57,10 @@ __global__ void __launch_bounds__(kThreads, 1) dq_mma_kernel(const BwdArgs args)
 
   const int i_lo = r0 / group;
   const int i_hi = (min(r0 + BM, rows) - 1) / group;
+  const int offset = si.sk - si.sq;
   int j_begin = 0, j_end = si.sk;
-  if (sa.window_right >= 0) j_end = min(j_end, i_hi + si.sk - si.sq + sa.window_right + 1);
-  if (sa.window_left >= 0) j_begin = max(j_begin, i_lo + si.sk - si.sq - sa.window_left);
+  if (sa.window_right >= 0) j_end = min(j_end, i_hi + offset + sa.window_right + 1);
+  if (sa.window_left >= 0) j_begin = max(j_begin, i_lo + offset - sa.window_left);
   const int n_begin = j_begin / BN;
   const int n_end = j_end > j_begin ? ceil_div(j_end, BN) : n_begin;
 
@@ -78,9 +83,11 @@ __global__ void __launch_bounds__(kThreads, 1) dq_mma_kernel(const BwdArgs args)
     row[e].i = row[e].ok ? r / group : 0;
     row[e].h = hk * group + (row[e].ok ? r % group : 0);
     row[e].lse = row[e].ok ? p.softmax_lse[lse_offset(p, si, b, row[e].i, row[e].h)] : 0.f;
+    if (kPlain) row[e].lse *= kLog2e;
     row[e].di = row[e].ok ? p.workspace[di_offset(p, b, row[e].h, row[e].i)] : 0.f;
-    row[e].slope = p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + row[e].h] : 0.f;
+    row[e].slope = !kPlain && p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + row[e].h] : 0.f;
   }
+  const float scale_log2 = p.softmax_scale * kLog2e;
 
   const T* q = static_cast<const T*>(p.q);
   const T* dout = static_cast<const T*>(p.dout);
@@ -151,7 +158,11 @@ __global__ void __launch_bounds__(kThreads, 1) dq_mma_kernel(const BwdArgs args)
         mma_16816<T>(dp[2 * t2 + 1], ao, bv[2], bv[3]);
       }
     }
-    // dS in place of s; c0,c1 belong to row[0], c2,c3 to row[1].
+    // dS in place of s; c0,c1 belong to row[0], c2,c3 to row[1]. The tile needs the mask unless
+    // every row of the CTA sees every key of it.
+    const bool need_mask = j0 + BN > si.sk || r0 + BM > rows ||
+                           (sa.window_right >= 0 && j0 + BN - 1 > i_lo + offset + sa.window_right) ||
+                           (sa.window_left >= 0 && j0 < i_hi + offset - sa.window_left);
 #pragma unroll
     for (int t = 0; t < kNT; ++t) {
 #pragma unroll
@@ -159,7 +170,11 @@ __global__ void __launch_bounds__(kThreads, 1) dq_mma_kernel(const BwdArgs args)
         const auto& rw = row[c >> 1];
         const int j = j0 + t * 8 + tq * 2 + (c & 1);
         float ds = 0.f;
-        if (rw.ok && visible(sa, rw.i, j, si.sq, si.sk)) {
+        if (kPlain) {
+          if (!need_mask || (rw.ok && visible(sa, rw.i, j, si.sq, si.sk))) {
+            ds = fast_exp2(s[t][c] * scale_log2 - rw.lse) * (dp[t][c] - rw.di) * p.softmax_scale;
+          }
+        } else if (rw.ok && visible(sa, rw.i, j, si.sq, si.sk)) {
           float dcap;
           const float x = modify_score(sa, s[t][c] * p.softmax_scale, rw.slope, rw.i, j, si.sq, si.sk, dcap);
           const float prob = __expf(x - rw.lse);
@@ -199,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_mma_kernel(const BwdArgs args)
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kPlain>
 __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs args) {
   using Tr = BwdMmaTraits<D>;
   constexpr int BK = Tr::kKeys;
@@ -210,12 +225,13 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
   extern __shared__ __align__(16) uint16_t smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + BK * kPitch;
-  T* sQ = sV + BK * kPitch;
-  T* sdO = sQ + BR * kPitch;
-  float* sLse = reinterpret_cast<float*>(sdO + BR * kPitch);
-  float* sDi = sLse + BR;
-  float* sSlope = sDi + BR;
-  int* sI = reinterpret_cast<int*>(sSlope + BR);  // query row of each packed row, -1 past the end
+  T* sQ = sV + BK * kPitch;        // [2][BR][kPitch]
+  T* sdO = sQ + 2 * BR * kPitch;   // [2][BR][kPitch]
+  // Row scalars of the two buffered row blocks, [2][BR] each.
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * BR * kPitch);  // log2 domain when kPlain
+  float* sDi = sLse + 2 * BR;
+  float* sSlope = sDi + 2 * BR;
+  int* sI = reinterpret_cast<int*>(sSlope + 2 * BR);  // query row of each packed row, -1 past the end
 
   const FlashBwdParams& p = args.p;
   const ScoreArgs& sa = args.s;
@@ -227,6 +243,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
   const int rows = si.sq * group;
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int tid = threadIdx.x;
+  const int offset = si.sk - si.sq;
 
   zero_unused_key_rows<T>(p, si, b, hk, j0, BK);
   if (j0 >= si.sk) return;
@@ -241,17 +258,45 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
       return base + kv_offset(p, bs, rst, hs, si, b, j0 + rw, hk);
     };
   };
-  cp_async_tile<T, D, BK>(sK, k_rows(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride), p.head_dim, k);
-  cp_async_tile<T, D, BK>(sV, k_rows(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride), p.head_dim, v);
-  cp_async_commit();
+  // Copies of row block mb into buffer buf: Q and dO through cp.async, the scalars directly.
+  auto load_rows = [&](int mb, int buf) {
+    const int r0 = mb * BR;
+    auto q_rows = [&](const T* base, int64_t bs, int64_t rst, int64_t hs) {
+      return [=, &si](int rw) -> const T* {
+        const int r = r0 + rw;
+        if (r >= rows) return nullptr;
+        return base + q_offset(varlen, bs, rst, hs, si, b, r / group, hk * group + r % group);
+      };
+    };
+    cp_async_tile<T, D, BR>(sQ + buf * BR * kPitch, q_rows(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride),
+                            p.head_dim, q);
+    cp_async_tile<T, D, BR>(sdO + buf * BR * kPitch, q_rows(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride),
+                            p.head_dim, dout);
+    if (tid < BR) {
+      const int r = r0 + tid;
+      const bool ok = r < rows;
+      const int i = ok ? r / group : 0;
+      const int h = hk * group + (ok ? r % group : 0);
+      sI[buf * BR + tid] = ok ? i : -1;
+      const float lse = ok ? p.softmax_lse[lse_offset(p, si, b, i, h)] : 0.f;
+      sLse[buf * BR + tid] = kPlain ? lse * kLog2e : lse;
+      sDi[buf * BR + tid] = ok ? p.workspace[di_offset(p, b, h, i)] : 0.f;
+      sSlope[buf * BR + tid] = !kPlain && p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+    }
+  };
 
   // Query rows that can see a key of this block, as packed rows, in steps of BR.
   const int j_last = min(si.sk, j0 + BK) - 1;
   int i_lo = 0, i_hi = si.sq - 1;
-  if (sa.window_right >= 0) i_lo = max(i_lo, j0 - (si.sk - si.sq) - sa.window_right);
-  if (sa.window_left >= 0) i_hi = min(i_hi, j_last - (si.sk - si.sq) + sa.window_left);
+  if (sa.window_right >= 0) i_lo = max(i_lo, j0 - offset - sa.window_right);
+  if (sa.window_left >= 0) i_hi = min(i_hi, j_last + sa.window_left - offset);
   const int m_begin = i_lo <= i_hi ? i_lo * group / BR : 0;
   const int m_end = i_lo <= i_hi ? ceil_div((i_hi + 1) * group, BR) : 0;
+
+  cp_async_tile<T, D, BK>(sK, k_rows(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride), p.head_dim, k);
+  cp_async_tile<T, D, BK>(sV, k_rows(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride), p.head_dim, v);
+  if (m_begin < m_end) load_rows(m_begin, 0);
+  cp_async_commit();
 
   const int warp = tid / 32;
   const int lane = tid % 32;
@@ -259,6 +304,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
   const int tq = lane & 3;
   const int mi = lane >> 3;
   const int rr = lane & 7;
+  const float scale_log2 = p.softmax_scale * kLog2e;
   float dk[kDT][4], dv[kDT][4];
 #pragma unroll
   for (int t = 0; t < kDT; ++t) {
@@ -267,30 +313,18 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
   }
 
   for (int mb = m_begin; mb < m_end; ++mb) {
-    const int r0 = mb * BR;
-    __syncthreads();  // every warp is done with the previous Q / dO tile and row scalars
-    auto q_rows = [&](const T* base, int64_t bs, int64_t rst, int64_t hs) {
-      return [=, &si](int rw) -> const T* {
-        const int r = r0 + rw;
-        if (r >= rows) return nullptr;
-        return base + q_offset(varlen, bs, rst, hs, si, b, r / group, hk * group + r % group);
-      };
-    };
-    cp_async_tile<T, D, BR>(sQ, q_rows(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride), p.head_dim, q);
-    cp_async_tile<T, D, BR>(sdO, q_rows(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride), p.head_dim, dout);
-    cp_async_commit();
-    if (tid < BR) {
-      const int r = r0 + tid;
-      const bool ok = r < rows;
-      const int i = ok ? r / group : 0;
-      const int h = hk * group + (ok ? r % group : 0);
-      sI[tid] = ok ? i : -1;
-      sLse[tid] = ok ? p.softmax_lse[lse_offset(p, si, b, i, h)] : 0.f;
-      sDi[tid] = ok ? p.workspace[di_offset(p, b, h, i)] : 0.f;
-      sSlope[tid] = p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
-    }
+    const int buf = (mb - m_begin) & 1;
     cp_async_wait_all();
-    __syncthreads();
+    __syncthreads();  // block mb visible to all warps; every warp is done with buffer buf^1
+    if (mb + 1 < m_end) {
+      load_rows(mb + 1, buf ^ 1);
+      cp_async_commit();
+    }
+    const T* cQ = sQ + buf * BR * kPitch;
+    const T* cdO = sdO + buf * BR * kPitch;
+    const float* cLse = sLse + buf * BR;
+    const float* cDi = sDi + buf * BR;
+    const int* cI = sI + buf * BR;
 
     // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x BR rows.
     float st[kRT][4], dpt[kRT][4];
@@ -307,8 +341,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
 #pragma unroll
       for (int t2 = 0; t2 < kRT / 2; ++t2) {
         uint32_t bq[4], bo[4];
-        ldmatrix_x4(bq, sQ + (t2 * 16 + rr + (mi >> 1) * 8) * kPitch + kk * 16 + (mi & 1) * 8);
-        ldmatrix_x4(bo, sdO + (t2 * 16 + rr + (mi >> 1) * 8) * kPitch + kk * 16 + (mi & 1) * 8);
+        ldmatrix_x4(bq, cQ + (t2 * 16 + rr + (mi >> 1) * 8) * kPitch + kk * 16 + (mi & 1) * 8);
+        ldmatrix_x4(bo, cdO + (t2 * 16 + rr + (mi >> 1) * 8) * kPitch + kk * 16 + (mi & 1) * 8);
         mma_16816<T>(st[2 * t2], ak, bq[0], bq[1]);
         mma_16816<T>(st[2 * t2 + 1], ak, bq[2], bq[3]);
         mma_16816<T>(dpt[2 * t2], av, bo[0], bo[1]);
@@ -316,19 +350,32 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
       }
     }
     // P^T into st, dS^T into dpt: rows of the fragments are keys (g, g+8), columns query rows.
+    // The block needs the mask unless every (row, key) pair of it is visible.
+    const int r0 = mb * BR;
+    const int row_i_lo = r0 / group, row_i_hi = (r0 + BR - 1) / group;
+    const bool need_mask = j0 + BK > si.sk || r0 + BR > rows ||
+                           (sa.window_right >= 0 && j0 + BK - 1 > row_i_lo + offset + sa.window_right) ||
+                           (sa.window_left >= 0 && j0 < row_i_hi + offset - sa.window_left);
 #pragma unroll
     for (int t = 0; t < kRT; ++t) {
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int j = j0 + warp * 16 + g + 8 * (c >> 1);
         const int col = t * 8 + tq * 2 + (c & 1);
-        const int i = sI[col];
         float prob = 0.f, ds = 0.f;
-        if (i >= 0 && visible(sa, i, j, si.sq, si.sk)) {
-          float dcap;
-          const float x = modify_score(sa, st[t][c] * p.softmax_scale, sSlope[col], i, j, si.sq, si.sk, dcap);
-          prob = __expf(x - sLse[col]);
-          ds = prob * (dpt[t][c] - sDi[col]) * dcap * p.softmax_scale;
+        if (kPlain) {
+          if (!need_mask || (cI[col] >= 0 && visible(sa, cI[col], j, si.sq, si.sk))) {
+            prob = fast_exp2(st[t][c] * scale_log2 - cLse[col]);
+            ds = prob * (dpt[t][c] - cDi[col]) * p.softmax_scale;
+          }
+        } else {
+          const int i = cI[col];
+          if (i >= 0 && visible(sa, i, j, si.sq, si.sk)) {
+            float dcap;
+            const float x = modify_score(sa, st[t][c] * p.softmax_scale, sSlope[buf * BR + col], i, j, si.sq, si.sk, dcap);
+            prob = __expf(x - cLse[col]);
+            ds = prob * (dpt[t][c] - cDi[col]) * dcap * p.softmax_scale;
+          }
         }
         st[t][c] = prob;
         dpt[t][c] = ds;
@@ -349,8 +396,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
 #pragma unroll
       for (int t2 = 0; t2 < kDT / 2; ++t2) {
         uint32_t bo[4], bq[4];
-        ldmatrix_x4_trans(bo, sdO + (kk * 16 + rr + (mi & 1) * 8) * kPitch + t2 * 16 + (mi >> 1) * 8);
-        ldmatrix_x4_trans(bq, sQ + (kk * 16 + rr + (mi & 1) * 8) * kPitch + t2 * 16 + (mi >> 1) * 8);
+        ldmatrix_x4_trans(bo, cdO + (kk * 16 + rr + (mi & 1) * 8) * kPitch + t2 * 16 + (mi >> 1) * 8);
+        ldmatrix_x4_trans(bq, cQ + (kk * 16 + rr + (mi & 1) * 8) * kPitch + t2 * 16 + (mi >> 1) * 8);
         mma_16816<T>(dv[2 * t2], ap, bo[0], bo[1]);
         mma_16816<T>(dv[2 * t2 + 1], ap, bo[2], bo[3]);
         mma_16816<T>(dk[2 * t2], as, bq[0], bq[1]);
@@ -375,6 +422,35 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
       }
     }
   }
+}
+
+// Launches both tensor-core backward kernels for one (dtype, head-dim bucket <= 128), the plain
+// instantiation unless the call has softcap or ALiBi. Explicitly instantiated once per head dim
+// (instantiations/flash_bwd_mma_hdim*.cu).
+template <typename T, int D, bool kPlain>
+void launch_bwd_mma_config(const BwdArgs& args, cudaStream_t stream) {
+  using Tr = BwdMmaTraits<D>;
+  const FlashBwdParams& p = args.p;
+  if (p.seqlen_q > 0) {
+    auto kernel = dq_mma_kernel<T, D, kPlain>;
+    set_smem(kernel, Tr::kDqSmem, "cudaFuncSetAttribute(dq_mma_kernel)");
+    const dim3 grid(ceil_div(p.seqlen_q * args.s.group, Tr::kBlockM), p.heads_kv, p.batch);
+    kernel<<<grid, kThreads, Tr::kDqSmem, stream>>>(args);
+    check_launch("dq_mma_kernel launch");
+  }
+  if (p.seqlen_k > 0) {
+    auto kernel = dkdv_mma_kernel<T, D, kPlain>;
+    set_smem(kernel, Tr::kDkdvSmem, "cudaFuncSetAttribute(dkdv_mma_kernel)");
+    const dim3 grid(ceil_div(p.seqlen_k, Tr::kKeys), p.heads_kv, p.batch);
+    kernel<<<grid, kThreads, Tr::kDkdvSmem, stream>>>(args);
+    check_launch("dkdv_mma_kernel launch");
+  }
+}
+
+template <typename T, int D>
+void launch_bwd_mma(const BwdArgs& args, cudaStream_t stream) {
+  if (args.s.softcap == 0.f && args.p.alibi_slopes == nullptr) return launch_bwd_mma_config<T, D, true>(args, stream);
+  launch_bwd_mma_config<T, D, false>(args, stream);
 }
 
 }  // namespace detail

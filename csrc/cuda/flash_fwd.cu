@@ -14,12 +14,16 @@
 #include <cmath>
 
 #include "flash_common.cuh"
-#include "flash_fwd_mma.cuh"
 #include "flash_api.h"
 
 namespace flash {
 namespace cuda {
 namespace detail {
+
+// The tensor-core forward (flash_fwd_mma.cuh), instantiated per head dim in instantiations/.
+template <typename T, int D>
+void launch_fwd_mma(const FwdArgs& args, cudaStream_t stream);
+
 namespace {
 
 template <int D>
@@ -288,11 +292,7 @@ void launch_fwd(const FwdArgs& args, cudaStream_t stream) {
   const FlashFwdParams& p = args.p;
   const int rows = p.seqlen_q * args.s.group;
   if (!env_flag("FLASH_ATTN_CUDA_SIMT")) {
-    constexpr size_t smem = MmaTraits<D>::kSmemBytes;
-    set_smem(fwd_mma_kernel<T, D>, smem, "cudaFuncSetAttribute(fwd_mma_kernel)");
-    const dim3 grid(ceil_div(rows, MmaTraits<D>::kBlockM), p.heads_kv * args.num_splits, p.batch);
-    fwd_mma_kernel<T, D><<<grid, kThreads, smem, stream>>>(args);
-    check_launch("fwd_mma_kernel launch");
+    launch_fwd_mma<T, D>(args, stream);
   } else {
     constexpr size_t smem = fwd_smem_bytes<D>();
     set_smem(fwd_kernel<T, D>, smem, "cudaFuncSetAttribute(fwd_kernel)");

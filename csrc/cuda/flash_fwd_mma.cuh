@@ -1,9 +1,15 @@
-// Tensor-core forward (FlashAttention-2 style, sm80-class mma.sync): one CTA of 4 warps per
-// (64 packed query rows, KV head, batch[, split]); each warp owns 16 query rows. K/V tiles are
-// double-buffered in shared memory with cp.async, S = Q K^T and O += P V use
-// mma.sync.m16n8k16 (bf16/fp16 in, fp32 accumulate) with ldmatrix fragment loads, and P stays in
-// registers between the two products. Same contract and results as fwd_kernel (flash_fwd.cu).
-// Fragment layouts and ldmatrix addressing: flash_mma.cuh.
+// Tensor-core forward (FlashAttention-2 style, sm80-class mma.sync): one CTA of kWarps warps per
+// (BM packed query rows, KV head, batch[, split]); each warp owns kMT x 16 query rows, so every K/V
+// fragment it loads from shared memory feeds kMT products. K/V tiles are double-buffered in shared
+// memory with cp.async, S = Q K^T and O += P V use mma.sync.m16n8k16 (bf16/fp16 in, fp32
+// accumulate) with ldmatrix fragment loads, and P stays in registers between the two products.
+//
+// The softmax runs in the log2 domain (x = score * log2(e), p = 2^(x - m)): one FFMA-class op and
+// one ex2 per element. Masks (causal, window, sequence end) and score modifiers (softcap, ALiBi)
+// cost per element, so they run only where needed: tiles every row sees entirely skip the mask,
+// and kPlain instantiations (no softcap, ALiBi or dropout: the common case) have no code for them,
+// which also frees the registers that let a warp own two m-tiles.
+// Same contract and results as fwd_kernel (flash_fwd.cu). Fragment layouts: flash_mma.cuh.
 #pragma once
 
 #include "flash_mma.cuh"
@@ -12,32 +18,31 @@ namespace flash {
 namespace cuda {
 namespace detail {
 
-// Tile shape per head-dim bucket: 64 query rows, kBlockN keys (smaller for large D so that
-// double-buffered K and V fit the 99 KB of sm86/sm89).
-template <int D>
-struct MmaTraits {
-  static constexpr int kBlockM = 64;
-  static constexpr int kBlockN = D <= 128 ? 64 : 32;
+// Tile shape: BM = 16 * kMT * kWarps query rows, BN keys.
+template <int D, int kWarps, int kMT, int BN>
+struct FwdMmaConfig {
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockM = 16 * kMT * kWarps;
+  static constexpr int kBlockN = BN;
   static constexpr int kPitch = mma_pitch(D);
   static constexpr size_t kSmemBytes = sizeof(uint16_t) * (kBlockM + 4 * kBlockN) * kPitch;
 };
 
-// Per-row constants of one of the two query rows a thread holds C-fragment values of.
-struct MmaRow {
-  bool ok;
+// Query row i and query head h of packed row r of KV head hk.
+struct PackedRow {
   int i, h;
-  int64_t bh;  // b * heads_q + h: the Philox counter's head word
-  float slope;
+  __device__ __forceinline__ PackedRow(int r, int hk, int group) : i(r / group), h(hk * group + r % group) {}
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1) fwd_mma_kernel(const FwdArgs args) {
-  using Tr = MmaTraits<D>;
-  constexpr int BM = Tr::kBlockM;
-  constexpr int BN = Tr::kBlockN;
-  constexpr int kPitch = Tr::kPitch;
-  constexpr int kNT = BN / 8;  // 8-key column tiles of S
-  constexpr int kDT = D / 8;   // 8-column tiles of O
+template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain>
+__global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs args) {
+  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN>;
+  constexpr int NT = Cfg::kThreads;
+  constexpr int BM = Cfg::kBlockM;
+  constexpr int kPitch = Cfg::kPitch;
+  constexpr int kNT = BN / 8;      // 8-key column tiles of S
+  constexpr int kDT = D / 8;       // 8-column tiles of O
+  constexpr int kRows = 2 * kMT;   // query rows per thread: row 2*mt + e is fragment half e of m-tile mt
   extern __shared__ __align__(16) uint16_t smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + BM * kPitch;      // [2][BN][kPitch]
@@ -76,15 +81,16 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_mma_kernel(const FwdArgs args
   const int lane = tid % 32;
   const int g = lane >> 2;
   const int tq = lane & 3;
-  MmaRow row[2];
+  const int warp_row0 = warp * 16 * kMT;  // first tile row of this warp
+  // Packed row of this thread's row e (C-fragment half e & 1 of m-tile e >> 1); rows past `rows`
+  // read zero Q, compute harmless values and are never stored.
+  auto packed_row = [&](int e) { return r0 + warp_row0 + (e >> 1) * 16 + g + 8 * (e & 1); };
+  // Per-row ALiBi slopes: only the general instantiation keeps them in registers.
+  float slope[kPlain ? 1 : kRows];
 #pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    const int r = r0 + warp * 16 + g + 8 * e;
-    row[e].ok = r < rows;
-    row[e].i = row[e].ok ? r / group : 0;
-    row[e].h = hk * group + (row[e].ok ? r % group : 0);
-    row[e].bh = static_cast<int64_t>(b) * p.heads_q + row[e].h;
-    row[e].slope = p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + row[e].h] : 0.f;
+  for (int e = 0; e < (kPlain ? 0 : kRows); ++e) {
+    const PackedRow pr(min(packed_row(e), rows - 1), hk, group);
+    slope[e] = p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + pr.h] : 0.f;
   }
 
   auto k_rows = [&](const T* base, int64_t bs, int64_t rst, int64_t hs, int j0) {
@@ -94,20 +100,27 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_mma_kernel(const FwdArgs args
     };
   };
   auto load_kv = [&](int n, int buf) {
-    cp_async_tile<T, D, BN>(sK + buf * BN * kPitch, k_rows(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, n * BN),
-                            p.head_dim, k);
-    cp_async_tile<T, D, BN>(sV + buf * BN * kPitch, k_rows(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, n * BN),
-                            p.head_dim, v);
+    cp_async_tile<T, D, BN, NT>(sK + buf * BN * kPitch,
+                                k_rows(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, n * BN), p.head_dim, k);
+    cp_async_tile<T, D, BN, NT>(sV + buf * BN * kPitch,
+                                k_rows(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, n * BN), p.head_dim, v);
   };
 
-  float o[kDT][4];
+  float o[kMT][kDT][4];
 #pragma unroll
-  for (int t = 0; t < kDT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
-  float m[2] = {neg_inf(), neg_inf()};
-  float l[2] = {0.f, 0.f};  // this thread's share of the row sums; quad-reduced at the end
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int t = 0; t < kDT; ++t) o[mt][t][0] = o[mt][t][1] = o[mt][t][2] = o[mt][t][3] = 0.f;
+  float m[kRows], l[kRows];  // running max (log2 domain) and this thread's share of the row sums
+#pragma unroll
+  for (int e = 0; e < kRows; ++e) {
+    m[e] = neg_inf();
+    l[e] = 0.f;
+  }
+  const float scale_log2 = p.softmax_scale * kLog2e;
 
   if (n_lo < n_hi) {
-    cp_async_tile<T, D, BM>(sQ, [&](int rr) -> const T* {
+    cp_async_tile<T, D, BM, NT>(sQ, [&](int rr) -> const T* {
       const int r = r0 + rr;
       if (r >= rows) return nullptr;
       return q + q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, r / group, hk * group + r % group);
@@ -116,6 +129,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_mma_kernel(const FwdArgs args
     cp_async_commit();
   }
 
+  const int mi = lane >> 3;  // which of the four ldmatrix matrices this lane addresses
+  const int rr = lane & 7;
   for (int n = n_lo; n < n_hi; ++n) {
     const int buf = (n - n_lo) & 1;
     cp_async_wait_all();
@@ -128,149 +143,219 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_mma_kernel(const FwdArgs args
     const T* cV = sV + buf * BN * kPitch;
     const int j0 = n * BN;
 
-    // S = Q K^T for this warp's 16 rows.
-    float s[kNT][4];
+    // S = Q K^T for this warp's kMT x 16 rows.
+    float s[kMT][kNT][4];
 #pragma unroll
-    for (int t = 0; t < kNT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
-    const int mi = lane >> 3;  // which of the four ldmatrix matrices this lane addresses
-    const int rr = lane & 7;
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int t = 0; t < kNT; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, sQ + (warp * 16 + rr + (mi & 1) * 8) * kPitch + kk * 16 + (mi >> 1) * 8);
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        ldmatrix_x4(a[mt], sQ + (warp_row0 + mt * 16 + rr + (mi & 1) * 8) * kPitch + kk * 16 + (mi >> 1) * 8);
+      }
 #pragma unroll
       for (int t2 = 0; t2 < kNT / 2; ++t2) {
         uint32_t bk[4];
         ldmatrix_x4(bk, cK + (t2 * 16 + rr + (mi >> 1) * 8) * kPitch + kk * 16 + (mi & 1) * 8);
-        mma_16816<T>(s[2 * t2], a, bk[0], bk[1]);
-        mma_16816<T>(s[2 * t2 + 1], a, bk[2], bk[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma_16816<T>(s[mt][2 * t2], a[mt], bk[0], bk[1]);
+          mma_16816<T>(s[mt][2 * t2 + 1], a[mt], bk[2], bk[3]);
+        }
       }
     }
 
-    // Score modifiers, mask and online softmax; c0,c1 belong to row[0], c2,c3 to row[1].
-    float tile_max[2] = {neg_inf(), neg_inf()};
+    // Scores to the log2 domain; masked entries -inf. c0,c1 belong to row 2mt, c2,c3 to row 2mt+1.
+    // The tile needs the mask unless every row of the CTA sees every key of it.
+    const bool need_mask = j0 + BN > si.sk ||
+                           (sa.window_right >= 0 && j0 + BN - 1 > i_lo + offset + sa.window_right) ||
+                           (sa.window_left >= 0 && j0 < i_hi + offset - sa.window_left);
+    if (!kPlain || need_mask) {
 #pragma unroll
-    for (int t = 0; t < kNT; ++t) {
+      for (int e = 0; e < kRows; ++e) {
+        const int r = packed_row(e);
+        const int i = r / group;
+        const int mt = e >> 1, hc = 2 * (e & 1);
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const MmaRow& rw = row[c >> 1];
-        const int j = j0 + t * 8 + tq * 2 + (c & 1);
-        if (rw.ok && visible(sa, rw.i, j, si.sq, si.sk)) {
-          float dcap;
-          s[t][c] = modify_score(sa, s[t][c] * p.softmax_scale, rw.slope, rw.i, j, si.sq, si.sk, dcap);
-        } else {
-          s[t][c] = neg_inf();
-        }
-        tile_max[c >> 1] = fmaxf(tile_max[c >> 1], s[t][c]);
+        for (int t = 0; t < kNT; ++t)
+#pragma unroll
+          for (int c = hc; c < hc + 2; ++c) {
+            const int j = j0 + t * 8 + tq * 2 + (c & 1);
+            if (!need_mask || (r < rows && visible(sa, i, j, si.sq, si.sk))) {
+              if (!kPlain) {
+                float dcap;
+                s[mt][t][c] = modify_score(sa, s[mt][t][c] * p.softmax_scale, slope[e], i, j, si.sq, si.sk, dcap) * kLog2e;
+              } else {
+                s[mt][t][c] *= scale_log2;
+              }
+            } else {
+              s[mt][t][c] = neg_inf();
+            }
+          }
       }
-    }
-    float corr[2], m_use[2];
+    } else {
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const float m_new = fmaxf(m[e], quad_max(tile_max[e]));
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int t = 0; t < kNT; ++t)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) s[mt][t][c] *= scale_log2;
+    }
+
+    // Online softmax per row.
+    float corr[kRows], m_use[kRows];
+#pragma unroll
+    for (int e = 0; e < kRows; ++e) {
+      float tile_max = neg_inf();
+#pragma unroll
+      for (int t = 0; t < kNT; ++t) {
+        tile_max = fmaxf(tile_max, fmaxf(s[e >> 1][t][2 * (e & 1)], s[e >> 1][t][2 * (e & 1) + 1]));
+      }
+      const float m_new = fmaxf(m[e], quad_max(tile_max));
       m_use[e] = m_new == neg_inf() ? 0.f : m_new;  // no key seen yet: avoid inf - inf
-      corr[e] = __expf(m[e] - m_use[e]);
+      corr[e] = fast_exp2(m[e] - m_use[e]);
       m[e] = m_new;
       l[e] *= corr[e];
     }
 #pragma unroll
-    for (int t = 0; t < kNT; ++t) {
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        s[t][c] = __expf(s[t][c] - m_use[c >> 1]);
-        l[c >> 1] += s[t][c];
-      }
-    }
-    if (sa.dropout) {
+      for (int t = 0; t < kNT; ++t)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int e = 2 * mt + (c >> 1);
+          s[mt][t][c] = fast_exp2(s[mt][t][c] - m_use[e]);
+          l[e] += s[mt][t][c];
+        }
+    if (!kPlain && sa.dropout) {
       // Keys j0 + 8t + 2tq + {0, 1} are words 2(tq & 1) + {0, 1} of Philox group (j0 + 8t + 2tq) / 4
       // (j0 is a multiple of 8); l keeps the undropped sum, as the contract's lse does.
 #pragma unroll
-      for (int t = 0; t < kNT; ++t) {
+      for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const Philox4 rnd = dropout_randoms(p.philox_seed, p.philox_offset, row[e].bh, row[e].i, j0 + t * 8 + tq * 2);
-          const uint32_t w0 = (tq & 1) ? rnd.z : rnd.x;
-          const uint32_t w1 = (tq & 1) ? rnd.w : rnd.y;
-          s[t][2 * e] = w0 >= sa.drop_threshold ? s[t][2 * e] * sa.drop_scale : 0.f;
-          s[t][2 * e + 1] = w1 >= sa.drop_threshold ? s[t][2 * e + 1] * sa.drop_scale : 0.f;
-        }
+        for (int t = 0; t < kNT; ++t)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const PackedRow pr(packed_row(2 * mt + h), hk, group);
+            const int64_t bh = static_cast<int64_t>(b) * p.heads_q + pr.h;  // the Philox head word
+            const Philox4 rnd = dropout_randoms(p.philox_seed, p.philox_offset, bh, pr.i, j0 + t * 8 + tq * 2);
+            const uint32_t w0 = (tq & 1) ? rnd.z : rnd.x;
+            const uint32_t w1 = (tq & 1) ? rnd.w : rnd.y;
+            s[mt][t][2 * h] = w0 >= sa.drop_threshold ? s[mt][t][2 * h] * sa.drop_scale : 0.f;
+            s[mt][t][2 * h + 1] = w1 >= sa.drop_threshold ? s[mt][t][2 * h + 1] * sa.drop_scale : 0.f;
+          }
+    }
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int t = 0; t < kDT; ++t) {
+        o[mt][t][0] *= corr[2 * mt];
+        o[mt][t][1] *= corr[2 * mt];
+        o[mt][t][2] *= corr[2 * mt + 1];
+        o[mt][t][3] *= corr[2 * mt + 1];
       }
-    }
-#pragma unroll
-    for (int t = 0; t < kDT; ++t) {
-      o[t][0] *= corr[0];
-      o[t][1] *= corr[0];
-      o[t][2] *= corr[1];
-      o[t][3] *= corr[1];
-    }
 
     // O += P V: the S accumulators of column tiles 2kk, 2kk+1 are the A fragment of keys kk*16..+15.
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int t2 = 0; t2 < kDT / 2; ++t2) {
         uint32_t bv[4];
         ldmatrix_x4_trans(bv, cV + (kk * 16 + rr + (mi & 1) * 8) * kPitch + t2 * 16 + (mi >> 1) * 8);
-        mma_16816<T>(o[2 * t2], a, bv[0], bv[1]);
-        mma_16816<T>(o[2 * t2 + 1], a, bv[2], bv[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma_16816<T>(o[mt][2 * t2], a[mt], bv[0], bv[1]);
+          mma_16816<T>(o[mt][2 * t2 + 1], a[mt], bv[2], bv[3]);
+        }
       }
     }
   }
 
 #pragma unroll
-  for (int e = 0; e < 2; ++e) l[e] = quad_sum(l[e]);
+  for (int e = 0; e < kRows; ++e) l[e] = quad_sum(l[e]);
 
-  if (args.num_splits > 1) {
+  // Back to natural units: max m2 (log2 domain) is m2 * ln2; lse = (m2 + log2(l)) * ln2.
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      if (!row[e].ok) continue;
-      const int64_t ar = ((static_cast<int64_t>(split) * p.batch + b) * p.heads_q + row[e].h) * p.seqlen_q + row[e].i;
+  for (int e = 0; e < kRows; ++e) {
+    if (packed_row(e) >= rows) continue;
+    const PackedRow pr(packed_row(e), hk, group);
+    const int mt = e >> 1, hc = 2 * (e & 1);  // this row's C-fragment columns c = hc, hc + 1
+    if (args.num_splits > 1) {
+      const int64_t ar = ((static_cast<int64_t>(split) * p.batch + b) * p.heads_q + pr.h) * p.seqlen_q + pr.i;
       const float inv = l[e] > 0.f ? 1.f / l[e] : 0.f;
       float* oa = p.out_accum + ar * p.head_dim;
 #pragma unroll
       for (int t = 0; t < kDT; ++t) {
         const int d = t * 8 + tq * 2;
-        if (d < p.head_dim) *reinterpret_cast<float2*>(oa + d) = make_float2(o[t][2 * e] * inv, o[t][2 * e + 1] * inv);
+        if (d < p.head_dim) *reinterpret_cast<float2*>(oa + d) = make_float2(o[mt][t][hc] * inv, o[mt][t][hc + 1] * inv);
       }
-      if (tq == 0) p.lse_accum[ar] = l[e] > 0.f ? m[e] + logf(l[e]) : neg_inf();
+      if (tq == 0) p.lse_accum[ar] = l[e] > 0.f ? (m[e] + log2f(l[e])) * kLn2 : neg_inf();
+      continue;
     }
-    return;
-  }
-
-#pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    if (!row[e].ok) continue;
-    // l == 0 exactly when the row saw no key (the max score contributes exp(0) = 1 otherwise).
+    // l == 0 exactly when the row saw no key (the max score contributes 2^0 = 1 otherwise).
     float out_scale, lse;
     if (l[e] == 0.f) {
       out_scale = 0.f;
       lse = pos_inf();
     } else if (p.sinks != nullptr) {
-      const float sink = p.sinks[row[e].h];
-      const float mx = fmaxf(m[e], sink);
-      const float total = l[e] * expf(m[e] - mx) + expf(sink - mx);
-      out_scale = expf(m[e] - mx) / total;
-      lse = mx + logf(total);
+      const float sink2 = p.sinks[pr.h] * kLog2e;
+      const float mx = fmaxf(m[e], sink2);
+      const float total = l[e] * exp2f(m[e] - mx) + exp2f(sink2 - mx);
+      out_scale = exp2f(m[e] - mx) / total;
+      lse = (mx + log2f(total)) * kLn2;
     } else {
       out_scale = 1.f / l[e];
-      lse = m[e] + logf(l[e]);
+      lse = (m[e] + log2f(l[e])) * kLn2;
     }
     T* out = static_cast<T*>(p.out) +
-             q_offset(varlen, p.o_batch_stride, p.o_row_stride, p.o_head_stride, si, b, row[e].i, row[e].h);
+             q_offset(varlen, p.o_batch_stride, p.o_row_stride, p.o_head_stride, si, b, pr.i, pr.h);
 #pragma unroll
     for (int t = 0; t < kDT; ++t) {
       const int d = t * 8 + tq * 2;
       if (d < p.head_dim) {
-        *reinterpret_cast<uint32_t*>(out + d) = pack2<T>(o[t][2 * e] * out_scale, o[t][2 * e + 1] * out_scale);
+        *reinterpret_cast<uint32_t*>(out + d) = pack2<T>(o[mt][t][hc] * out_scale, o[mt][t][hc + 1] * out_scale);
       }
     }
-    if (tq == 0 && p.softmax_lse != nullptr) p.softmax_lse[lse_offset(p, si, b, row[e].i, row[e].h)] = lse;
+    if (tq == 0 && p.softmax_lse != nullptr) p.softmax_lse[lse_offset(p, si, b, pr.i, pr.h)] = lse;
   }
+}
+
+template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain>
+void launch_fwd_mma_config(const FwdArgs& args, cudaStream_t stream) {
+  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN>;
+  auto kernel = fwd_mma_kernel<T, D, kWarps, kMT, BN, kPlain>;
+  set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute(fwd_mma_kernel)");
+  const FlashFwdParams& p = args.p;
+  const dim3 grid(ceil_div(p.seqlen_q * args.s.group, Cfg::kBlockM), p.heads_kv * args.num_splits, p.batch);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
+  check_launch("fwd_mma_kernel launch");
+}
+
+// The tensor-core forward of one (dtype, head-dim bucket): the general instantiation when a call
+// has softcap, ALiBi or dropout, else the plain one with two m-tiles per warp where the rows fill
+// them and the registers allow (D <= 128). Explicitly instantiated once per head dim (flash_fwd_mma_hdim*.cu), so the
+// head dims compile in parallel and no translation unit compiles them twice.
+template <typename T, int D>
+void launch_fwd_mma(const FwdArgs& args, cudaStream_t stream) {
+  // Keys per tile: fewer for large D so that the double-buffered K and V fit the 99 KB of
+  // sm86/sm89 next to Q.
+  constexpr int BN = D <= 128 ? 64 : 32;
+  const bool plain = args.s.softcap == 0.f && args.p.alibi_slopes == nullptr && !args.s.dropout;
+  if (!plain) return launch_fwd_mma_config<T, D, 4, 1, BN, false>(args, stream);
+  constexpr int kMT = D <= 128 ? 2 : 1;
+  if (kMT > 1 && args.p.seqlen_q * args.s.group > 64) return launch_fwd_mma_config<T, D, 4, kMT, BN, true>(args, stream);
+  return launch_fwd_mma_config<T, D, 4, 1, BN, true>(args, stream);
 }
 
 }  // namespace detail

@@ -25,6 +25,18 @@ namespace detail {
 // different bank groups for every head-dim bucket.
 __host__ __device__ constexpr int mma_pitch(int d) { return d + 8; }
 
+// The softmax of the tensor-core kernels runs in the log2 domain (one FFMA-class op and one ex2
+// per element).
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// 2^x with the SFU (ex2.approx, flush-to-zero): 2^-inf = 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
@@ -69,13 +81,13 @@ __device__ __forceinline__ void mma_16816<__half>(float c[4], const uint32_t a[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Issues the cp.async copies of a ROWS x D tile (row pitch mma_pitch(D) elements). Rows whose pointer is
-// null and chunks at or past head_dim are zero-filled.
-template <typename T, int D, int ROWS, typename RowPtr>
+// Issues the cp.async copies of a ROWS x D tile (row pitch mma_pitch(D) elements) with the NT threads
+// of the CTA. Rows whose pointer is null and chunks at or past head_dim are zero-filled.
+template <typename T, int D, int ROWS, int NT = kThreads, typename RowPtr>
 __device__ __forceinline__ void cp_async_tile(T* tile, RowPtr row_ptr, int head_dim, const T* any_valid) {
   constexpr int kChunks = D / 8;
   constexpr int kPitch = mma_pitch(D);
-  for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += NT) {
     const int row = idx / kChunks;
     const int c = idx - row * kChunks;
     const T* src = c * 8 < head_dim ? row_ptr(row) : nullptr;

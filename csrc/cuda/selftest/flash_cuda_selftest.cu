@@ -2,9 +2,10 @@
 // contracts (flash_params.h, philox.h, flash_common.cuh's key positions), without torch or the
 // binding: it tells a kernel bug from a binding bug in seconds. Not part of the build.
 //
-//   nvcc -std=c++17 -O2 --expt-relaxed-constexpr -arch=sm_90a -I csrc \
-//        csrc/cuda/selftest/flash_cuda_selftest.cu csrc/cuda/flash_fwd.cu csrc/cuda/flash_bwd.cu -o /tmp/flash_selftest
+//   nvcc -std=c++17 -O2 --expt-relaxed-constexpr -arch=sm_90a -I csrc csrc/cuda/selftest/flash_cuda_selftest.cu \
+//        csrc/cuda/flash_fwd.cu csrc/cuda/flash_bwd.cu csrc/cuda/instantiations/*.cu -o /tmp/flash_selftest
 //   /tmp/flash_selftest            # every case; exit status 1 when one fails
+// (ci/gpu-kernel-check.sh builds it one object per translation unit in parallel and runs it.)
 //
 // Each forward case runs on the tensor-core kernel and on the SIMT kernel (FLASH_ATTN_CUDA_SIMT=1),
 // each backward case on the SIMT kernels and, where they apply, the tensor-core ones (the default).
@@ -456,6 +457,10 @@ int main() {
   { Case c = make("sinks causal", 2, 60, 60, 4, 2, 64); c.sinks = true; c.causal = true; cases.push_back(c); }
   { Case c = make("sinks masked rows", 1, 50, 20, 2, 2, 64); c.sinks = true; c.causal = true; cases.push_back(c); }
   { Case c = make("d=256", 1, 70, 70, 2, 2, 256); c.causal = true; cases.push_back(c); }
+  // Long enough for unmasked interior tiles and two m-tiles per warp (the plain fast path).
+  { Case c = make("long causal d=128", 1, 300, 300, 2, 2, 128); c.causal = true; c.bwd = false; cases.push_back(c); }
+  { Case c = make("long gqa 4/2 d=64", 2, 200, 260, 4, 2, 64); c.bwd = false; cases.push_back(c); }
+  { Case c = make("long window(100,0) d=256", 1, 260, 260, 2, 2, 256); c.wl = 100; c.wr = 0; c.bwd = false; cases.push_back(c); }
   { Case c = make("d=8", 1, 40, 50, 2, 2, 8); cases.push_back(c); }
   { Case c = make("d=200 window", 1, 50, 80, 2, 1, 200); c.wl = 20; c.wr = 3; cases.push_back(c); }
   {

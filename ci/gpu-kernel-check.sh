@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# On the GPU machine: build the standalone CUDA self-test (every kernel against a float64
+# reference) and the forward tuning harness from csrc/ with nvcc alone (no torch, no pipeline),
+# one object per translation unit in parallel, then run both. Logs go to $OUT.
+#   usage: OUT=... bash ci/gpu-kernel-check.sh        env: ARCH (default 90a), SKIP_TUNE=1, SANITIZE=1
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/_gpu-out}
+BUILD=${BUILD:-/tmp/flash-selftest}
+ARCH=${ARCH:-90a}
+mkdir -p "$OUT" "$BUILD"
+NVCC=(nvcc -std=c++17 -O3 --expt-relaxed-constexpr "-gencode=arch=compute_$ARCH,code=sm_$ARCH" -I csrc -Xptxas -v)
+sources=(csrc/cuda/flash_fwd.cu csrc/cuda/flash_bwd.cu csrc/cuda/instantiations/*.cu csrc/cuda/selftest/flash_cuda_selftest.cu)
+start=$(date +%s)
+pids=()
+for src in "${sources[@]}"; do
+  obj="$BUILD/$(basename "${src%.cu}").o"
+  "${NVCC[@]}" -c "$src" -o "$obj" >"$obj.log" 2>&1 &
+  pids+=($!)
+done
+if [ "${SKIP_TUNE:-0}" != 1 ]; then
+  "${NVCC[@]}" -c csrc/cuda/selftest/flash_cuda_tune.cu -o "$BUILD/flash_cuda_tune.o" >"$BUILD/flash_cuda_tune.log" 2>&1 &
+  pids+=($!)
+fi
+rc=0
+for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+cat "$BUILD"/*.log >"$OUT/ptxas.log"
+echo "compiled in $(( $(date +%s) - start )) s (rc $rc)" | tee "$OUT/kernel-check.log"
+[ "$rc" = 0 ] || { grep -B2 -A5 error "$OUT/ptxas.log" | head -60; exit 1; }
+library=("$BUILD"/flash_fwd.o "$BUILD"/flash_bwd.o "$BUILD"/flash_*_mma_hdim*.o)
+nvcc -o "$BUILD/flash_selftest" "${library[@]}" "$BUILD/flash_cuda_selftest.o" || exit 1
+if [ "${SKIP_TUNE:-0}" != 1 ]; then
+  nvcc -o "$BUILD/flash_tune" "${library[@]}" "$BUILD/flash_cuda_tune.o" || exit 1
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee -a "$OUT/kernel-check.log"
+if [ "${SKIP_TUNE:-0}" != 1 ]; then
+  "$BUILD/flash_tune" 2>&1 | tee "$OUT/tune.log"
+fi
+"$BUILD/flash_selftest" 2>&1 | tee "$OUT/selftest.log" | grep -v -E "^ *ok" | tail -40
+selftest_rc=${PIPESTATUS[0]}
+if [ "${SANITIZE:-0}" = 1 ]; then
+  for tool in memcheck racecheck synccheck; do
+    compute-sanitizer --tool "$tool" "$BUILD/flash_selftest" >"$OUT/sanitizer-$tool.log" 2>&1
+    echo "$tool exit $? $(tail -1 "$OUT/sanitizer-$tool.log")" | tee -a "$OUT/kernel-check.log"
+  done
+fi
+echo "selftest exit $selftest_rc" | tee -a "$OUT/kernel-check.log"
+exit "$selftest_rc"

@@ -1,0 +1,11 @@
+// Tensor-core forward, head-dim bucket 192 (one translation unit per bucket: parallel builds).
+#include "cuda/flash_fwd_mma.cuh"
+
+namespace flash {
+namespace cuda {
+namespace detail {
+template void launch_fwd_mma<__half, 192>(const FwdArgs&, cudaStream_t);
+template void launch_fwd_mma<__nv_bfloat16, 192>(const FwdArgs&, cudaStream_t);
+}  // namespace detail
+}  // namespace cuda
+}  // namespace flash

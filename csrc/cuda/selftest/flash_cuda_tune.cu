@@ -1,0 +1,186 @@
+// Kernel timing harness without torch, on the benchmark shapes (bf16, batch * seqlen = 16k tokens,
+// hidden 2048): (1) the production entry points run_fwd / run_bwd, (2) candidate tile shapes of
+// fwd_mma_kernel, each checked against the general kMT = 1 instantiation on the same inputs
+// (outputs poisoned with NaN first). Not part of the build; ci/gpu-kernel-check.sh builds and runs
+// it (linked with the kernel objects); figures go to benchmarks/cuda_kernel_notes.md.
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/flash_fwd_mma.cuh"
+#include "flash_api.h"
+
+namespace {
+
+using namespace flash::cuda::detail;
+using T = __nv_bfloat16;
+
+#define CHECK_CUDA(expr)                                                                   \
+  do {                                                                                     \
+    cudaError_t err_ = (expr);                                                             \
+    if (err_ != cudaSuccess) {                                                             \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(err_)); \
+      std::exit(2);                                                                        \
+    }                                                                                      \
+  } while (0)
+
+struct Shape {
+  int batch, seqlen, heads, d;
+  bool causal;
+};
+
+flash::FlashFwdParams make_params(const Shape& s, void* q, void* k, void* v, void* o, float* lse) {
+  flash::FlashFwdParams p{};
+  p.dtype = flash::DType::kBFloat16;
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out = o;
+  p.softmax_lse = lse;
+  p.batch = s.batch;
+  p.seqlen_q = p.seqlen_k = s.seqlen;
+  p.heads_q = p.heads_kv = s.heads;
+  p.head_dim = s.d;
+  const int64_t row = static_cast<int64_t>(s.heads) * s.d;  // (batch, seqlen, heads, d) layout
+  p.q_row_stride = p.k_row_stride = p.v_row_stride = p.o_row_stride = row;
+  p.q_head_stride = p.k_head_stride = p.v_head_stride = p.o_head_stride = s.d;
+  p.q_batch_stride = p.k_batch_stride = p.v_batch_stride = p.o_batch_stride = row * s.seqlen;
+  p.softmax_scale = 1.f / std::sqrt(static_cast<float>(s.d));
+  p.is_causal = s.causal;
+  p.window_left = p.window_right = -1;
+  p.num_splits = 1;
+  return p;
+}
+
+using Launch = void (*)(const FwdArgs&, cudaStream_t);
+
+struct Candidate {
+  const char* name;
+  int d;
+  Launch launch;
+};
+
+template <typename F>
+float time_ms(F&& launch) {
+  cudaEvent_t a, b;
+  CHECK_CUDA(cudaEventCreate(&a));
+  CHECK_CUDA(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) launch();
+  const int iters = 20;
+  CHECK_CUDA(cudaEventRecord(a));
+  for (int i = 0; i < iters; ++i) launch();
+  CHECK_CUDA(cudaEventRecord(b));
+  CHECK_CUDA(cudaEventSynchronize(b));
+  float ms = 0.f;
+  CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
+  CHECK_CUDA(cudaEventDestroy(a));
+  CHECK_CUDA(cudaEventDestroy(b));
+  return ms / iters;
+}
+
+std::vector<float> fetch(const void* dev, size_t n) {
+  std::vector<uint16_t> bits(n);
+  CHECK_CUDA(cudaMemcpy(bits.data(), dev, n * 2, cudaMemcpyDeviceToHost));
+  std::vector<float> out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = __bfloat162float(__ushort_as_bfloat16(bits[i]));
+  return out;
+}
+
+}  // namespace
+
+int main() {
+  const Candidate candidates[] = {
+      {"w4 mt1 bn64 general", 64, launch_fwd_mma_config<T, 64, 4, 1, 64, false>},
+      {"w4 mt2 bn64 plain", 64, launch_fwd_mma_config<T, 64, 4, 2, 64, true>},
+      {"w4 mt2 bn128 plain", 64, launch_fwd_mma_config<T, 64, 4, 2, 128, true>},
+      {"w4 mt1 bn64 general", 128, launch_fwd_mma_config<T, 128, 4, 1, 64, false>},
+      {"w4 mt2 bn64 plain", 128, launch_fwd_mma_config<T, 128, 4, 2, 64, true>},
+      {"w4 mt1 bn32 general", 256, launch_fwd_mma_config<T, 256, 4, 1, 32, false>},
+      {"w4 mt1 bn32 plain", 256, launch_fwd_mma_config<T, 256, 4, 1, 32, true>},
+      {"w4 mt1 bn64 plain", 256, launch_fwd_mma_config<T, 256, 4, 1, 64, true>},
+  };
+  const int tokens = 16384, hidden = 2048;
+  std::mt19937 rng(0);
+  std::normal_distribution<float> normal;
+  const size_t n = static_cast<size_t>(tokens) * hidden;
+  std::vector<uint16_t> host(n);
+  void *q, *k, *v, *o;
+  float* lse;
+  for (void** ptr : {&q, &k, &v}) {
+    for (auto& x : host) x = __bfloat16_as_ushort(__float2bfloat16(normal(rng)));
+    CHECK_CUDA(cudaMalloc(ptr, n * 2));
+    CHECK_CUDA(cudaMemcpy(*ptr, host.data(), n * 2, cudaMemcpyHostToDevice));
+  }
+  CHECK_CUDA(cudaMalloc(&o, n * 2));
+  CHECK_CUDA(cudaMalloc(&lse, static_cast<size_t>(tokens) * 128 * sizeof(float)));
+  int failures = 0;
+  // (1) Production entry points, forward and backward (backward FLOPs = 2.5 x forward).
+  void *dout, *dq, *dk, *dv;
+  float* workspace;
+  for (void** ptr : {&dout, &dq, &dk, &dv}) CHECK_CUDA(cudaMalloc(ptr, n * 2));
+  CHECK_CUDA(cudaMemcpy(dout, host.data(), n * 2, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMalloc(&workspace, static_cast<size_t>(tokens) * 128 * sizeof(float)));
+  CHECK_CUDA(cudaMemset(workspace, 0, static_cast<size_t>(tokens) * 128 * sizeof(float)));
+  std::printf("%-10s %4s %6s %6s %9s %9s\n", "entry", "d", "seqlen", "causal", "ms", "TFLOP/s");
+  for (int d : {64, 128, 256}) {
+    for (int seqlen : {512, 1024, 2048, 4096, 8192, 16384}) {
+      for (bool causal : {false, true}) {
+        const Shape shape{tokens / seqlen, seqlen, hidden / d, d, causal};
+        const flash::FlashFwdParams fp = make_params(shape, q, k, v, o, lse);
+        flash::FlashBwdParams bp{};
+        static_cast<flash::FlashFwdParams&>(bp) = fp;
+        bp.dout = dout;
+        bp.dq = dq;
+        bp.dk = dk;
+        bp.dv = dv;
+        bp.do_row_stride = bp.dq_row_stride = bp.dk_row_stride = bp.dv_row_stride = fp.q_row_stride;
+        bp.do_head_stride = bp.dq_head_stride = bp.dk_head_stride = bp.dv_head_stride = fp.q_head_stride;
+        bp.do_batch_stride = bp.dq_batch_stride = bp.dk_batch_stride = bp.dv_batch_stride = fp.q_batch_stride;
+        bp.workspace = workspace;
+        const double flops = 4.0 * shape.batch * seqlen * static_cast<double>(seqlen) * shape.heads * d / (causal ? 2 : 1);
+        const float fwd_ms = time_ms([&] { flash::cuda::run_fwd(fp, nullptr); });
+        const float bwd_ms = time_ms([&] { flash::cuda::run_bwd(bp, nullptr); });
+        std::printf("%-10s %4d %6d %6d %9.3f %9.1f\n", "run_fwd", d, seqlen, causal, fwd_ms, flops / fwd_ms / 1e9);
+        std::printf("%-10s %4d %6d %6d %9.3f %9.1f\n", "run_bwd", d, seqlen, causal, bwd_ms, 2.5 * flops / bwd_ms / 1e9);
+      }
+    }
+  }
+  // (2) Candidate forward tile shapes.
+  std::printf("%-22s %4s %6s %6s %9s %9s %10s\n", "config", "d", "seqlen", "causal", "ms", "TFLOP/s", "max|diff|");
+  for (int d : {64, 128, 256}) {
+    for (int seqlen : {512, 2048, 8192, 16384}) {
+      for (bool causal : {false, true}) {
+        const Shape shape{tokens / seqlen, seqlen, hidden / d, d, causal};
+        FwdArgs args{make_params(shape, q, k, v, o, lse), {}, 1};
+        args.s = make_score_args(args.p);
+        const double flops = 4.0 * shape.batch * seqlen * static_cast<double>(seqlen) * shape.heads * d / (causal ? 2 : 1);
+        std::vector<float> ref;
+        for (const Candidate& c : candidates) {
+          if (c.d != d) continue;
+          CHECK_CUDA(cudaMemset(o, 0xFF, n * 2));  // NaN poison
+          c.launch(args, nullptr);
+          CHECK_CUDA(cudaDeviceSynchronize());
+          std::vector<float> out = fetch(o, n);
+          double diff = 0.0;
+          bool nan = false;
+          if (ref.empty()) ref = out;
+          for (size_t i = 0; i < n; ++i) {
+            if (!std::isfinite(out[i])) nan = true;
+            diff = std::fmax(diff, std::fabs(out[i] - ref[i]));
+          }
+          const bool bad = nan || diff > 2e-2;
+          failures += bad;
+          const float ms = time_ms([&] { c.launch(args, nullptr); });
+          std::printf("%-22s %4d %6d %6d %9.3f %9.1f %10.2e%s\n", c.name, d, seqlen, causal, ms, flops / ms / 1e9,
+                      diff, bad ? (nan ? "  NaN/inf FAIL" : "  FAIL") : "");
+        }
+      }
+    }
+  }
+  std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
+  return failures ? 1 : 0;
+}
