@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -180,6 +181,29 @@ def main(argv: list[str] | None = None) -> int:
                              "peak resident set size (VmHWM, reset per length) of the worker process"),
            "complete": False, "records": []}
 
+    # `timeout` sends SIGTERM: stop like Ctrl-C so that the table and the plot still get written.
+    signal.signal(signal.SIGTERM, bench._raise_interrupt)
+    try:
+        _run_all(args, project, device, seqlens, impls, shape, doc, out)
+    except KeyboardInterrupt:
+        doc.setdefault("skipped", []).append("interrupted")
+        print("interrupted: writing what was measured", flush=True)
+    doc["complete"] = not doc.get("skipped")
+    _write(doc, out)
+    written = [out, out.with_suffix(".md")]
+    try:
+        written.append(write_plot(doc, out.with_suffix(".png")))
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+    print(markdown(doc))
+    print("wrote " + ", ".join(str(p.relative_to(REPO)) for p in written))
+    return 0
+
+
+def _run_all(args, project: Path, device: str, seqlens: list[int], impls: list[str], shape: dict, doc: dict,
+             out: Path) -> None:
+    """One worker process per (implementation, Liger) pair, each over every sequence length."""
+    cuda = device == "cuda"
     with tempfile.TemporaryDirectory(prefix="train-loop-hub-") as hub_dir:
         local_kernels = None
         if OURS in impls:
@@ -201,21 +225,12 @@ def main(argv: list[str] | None = None) -> int:
                 worker_env["LOCAL_KERNELS"] = local_kernels
             proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], env=worker_env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            seen = 0
-            tail: list[str] = []
-            for line in proc.stdout:
-                if line.startswith("RECORD "):
-                    rec = {"impl": label, "attn_implementation": attn, "liger": liger, **json.loads(line[7:])}
-                    doc["records"].append(rec)
-                    seen += 1
-                    _write(doc, out)
-                    shown = (f"{rec['tokens_per_s']:10.0f} tokens/s  {rec['step_ms']:9.1f} ms/step  peak "
-                             f"{rec['peak_mem_bytes'] / 2**30:6.2f} GiB" if rec["tokens_per_s"] else rec["error"])
-                    print(f"    [{i}/{len(runs)}] {label} seqlen {rec['seqlen']:6d} batch {rec['batch']:3d}: {shown}",
-                          flush=True)
-                else:
-                    tail = (tail + [line.rstrip()])[-20:]
-            proc.wait()
+            try:
+                seen, tail = _collect(proc, label, attn, liger, i, len(runs), doc, out)
+            except KeyboardInterrupt:
+                proc.kill()
+                proc.wait()
+                raise
             if proc.returncode != 0 or seen < len(seqlens):
                 why = "\n".join(tail[-5:])
                 for seqlen in seqlens[seen:]:
@@ -225,16 +240,25 @@ def main(argv: list[str] | None = None) -> int:
                                            "error": f"worker exited {proc.returncode}: {why[-300:]}"})
                 print(f"    worker for {label} exited {proc.returncode}:\n{why}", flush=True)
                 _write(doc, out)
-    doc["complete"] = not doc.get("skipped")
-    _write(doc, out)
-    written = [out, out.with_suffix(".md")]
-    try:
-        written.append(write_plot(doc, out.with_suffix(".png")))
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
-    print(markdown(doc))
-    print("wrote " + ", ".join(str(p.relative_to(REPO)) for p in written))
-    return 0
+
+
+def _collect(proc, label: str, attn: str, liger: bool, i: int, n: int, doc: dict, out: Path) -> tuple[int, list[str]]:
+    """Records from a worker's output as they arrive; returns how many came and the output's last lines."""
+    seen = 0
+    tail: list[str] = []
+    for line in proc.stdout:
+        if line.startswith("RECORD "):
+            rec = {"impl": label, "attn_implementation": attn, "liger": liger, **json.loads(line[7:])}
+            doc["records"].append(rec)
+            seen += 1
+            _write(doc, out)
+            shown = (f"{rec['tokens_per_s']:10.0f} tokens/s  {rec['step_ms']:9.1f} ms/step  peak "
+                     f"{rec['peak_mem_bytes'] / 2**30:6.2f} GiB" if rec["tokens_per_s"] else rec["error"])
+            print(f"    [{i}/{n}] {label} seqlen {rec['seqlen']:6d} batch {rec['batch']:3d}: {shown}", flush=True)
+        else:
+            tail = (tail + [line.rstrip()])[-20:]
+    proc.wait()
+    return seen, tail
 
 
 def _write(doc: dict, out: Path) -> None:

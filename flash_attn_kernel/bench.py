@@ -20,12 +20,13 @@ import datetime as _dt
 import json
 import math
 import os
+import shlex
 import signal
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -120,6 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", default=None,
                         help=f"comma-separated peers (default: every one present: {','.join(CUDA_PEERS)} on CUDA, "
                              f"{','.join(CPU_PEERS)} on CPU; decode: SDPA backends only)")
+    parser.add_argument("--without-ours", action="store_true",
+                        help="measure only the peers (to add a peer to an earlier run with --append)")
     parser.add_argument("--label", default=None,
                         help="name of our kernel in the results (default: flash-attn-kernel[sm80] on CUDA, "
                              "flash-attn-kernel[cpu] on CPU)")
@@ -174,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
     kernel = _load_kernel(project, device)
     name = args.name or f"attention-{device}-{_slug(_device_name(device))}-{_dt.date.today().isoformat()}"
     out = project / "benchmarks" / "results" / f"{name}.json"
-    results = ResultsFile(out, describe_run(device, kernel, settings, project), append=args.append)
+    results = ResultsFile(out, describe_run(device, kernel, settings, project,
+                                             command_line(getattr(args, "argv", sys.argv[1:]))), append=args.append)
 
     # `timeout` sends SIGTERM: turn it into the same orderly stop as Ctrl-C, so the outputs get written.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -189,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
                 break
             print(f"[{i}/{len(points)}] {point.describe()}", flush=True)
             impls = implementations(kernel, device, point.op, label, peers)
+            if args.without_ours:
+                impls.pop(label)
             for impl, factory in impls.items():
                 rec = measure(factory, impl, point, device, settings)
                 results.add(rec)
@@ -299,13 +305,9 @@ def git_commit(project: Path) -> str | None:
     return proc.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def command_line() -> str:
-    """The command that is running, as a user would type it."""
-    argv = sys.argv[1:]
-    head = Path(sys.argv[0]).name
-    if head in ("flash-attn-kernel", "__main__.py", "cli.py") or sys.argv[0].endswith("flash_attn_kernel"):
-        return " ".join(["flash-attn-kernel", *argv])
-    return " ".join([head, *argv])
+def command_line(argv: list[str]) -> str:
+    """The command that is running, as a user would type it (argv: the arguments after the program name)."""
+    return " ".join(["flash-attn-kernel", *(shlex.quote(a) for a in argv)])
 
 
 def environment(device: str) -> dict:
@@ -330,15 +332,15 @@ def environment(device: str) -> dict:
     }
 
 
-def describe_run(device: str, kernel, settings: Settings, project: Path) -> dict:
+def describe_run(device: str, kernel, settings: Settings, project: Path, command: str) -> dict:
     """The header of a results file: environment(), the command, and how figures were measured."""
     cuda = device == "cuda"
     how = "CUDA events" if cuda else "perf_counter"
     return {
         "kind": "attention",
         **environment(device),
-        "command": command_line(),
-        "commands": [command_line()],
+        "command": command,
+        "commands": [command],
         "git": git_commit(project),
         "kernel": getattr(kernel, "__name__", None),
         "memory_method": MEMORY_METHOD[device],
@@ -763,7 +765,9 @@ def is_ours(impl: str) -> bool:
 
 
 def _ordered_impls(records: list[dict]) -> list[str]:
-    order = {name: i for i, name in enumerate((*CUDA_PEERS, *CPU_PEERS))}
+    order: dict[str, int] = {}
+    for name in (*CUDA_PEERS, *CPU_PEERS):
+        order.setdefault(name, len(order))
     return sorted({r["impl"] for r in records}, key=lambda n: (not is_ours(n), order.get(n, 99), n))
 
 
@@ -932,10 +936,12 @@ def write_plots(doc: dict, json_path: Path) -> list[Path]:
             for i, causal in enumerate(causals):
                 for j, hdim in enumerate(hdims):
                     ax = axes[i][j]
+                    positive = True
                     for impl in impls:
                         pts = sorted((r["seqlen_q"], r["tflops"] if metric == "tflops" else r.get("peak_mem_bytes"))
                                      for r in rows if r["impl"] == impl and r["hdim"] == hdim and r["causal"] == causal)
                         pts = [(s, y if metric == "tflops" else y / 2**20) for s, y in pts if y is not None]
+                        positive = positive and all(y > 0 for _, y in pts)
                         if pts:
                             ax.plot(*zip(*pts), marker="o", label=impl, color=colors[impl],
                                     linewidth=2.5 if is_ours(impl) else 1.2)
@@ -943,14 +949,14 @@ def write_plots(doc: dict, json_path: Path) -> list[Path]:
                     seqlens = sorted({r["seqlen_q"] for r in rows})
                     ax.set_xticks(seqlens, [f"{s // 1024}k" if s >= 1024 else str(s) for s in seqlens])
                     ax.minorticks_off()
-                    if metric == "memory":
+                    if metric == "memory" and positive:
                         ax.set_yscale("log")
                     ax.set_title(f"hdim {hdim}{' causal' if causal else ''}", fontsize=9)
                     ax.grid(True, alpha=0.3)
                     if i == len(causals) - 1:
                         ax.set_xlabel("seqlen (batch·seqlen fixed)")
                     if j == 0:
-                        ax.set_ylabel("TFLOP/s" if metric == "tflops" else "peak MiB (log)")
+                        ax.set_ylabel("TFLOP/s" if metric == "tflops" else "peak MiB")
             handles, labels = axes[0][0].get_legend_handles_labels()
             for row in axes:
                 for ax in row:

@@ -18,10 +18,13 @@ from html import escape
 from pathlib import Path
 from string import Template
 
+from .bench import header_line
+from .comparison import headline_records, headline_table
+
 TEMPLATE = Path(__file__).parent / "templates" / "card.md"
 # The plot shows at most this many shapes, the table at most this many rows; the full
 # results are the JSON files on the version branch.
-MAX_PLOT_GROUPS = 8
+MAX_PLOT_GROUPS = 12
 MAX_TABLE_ROWS = 40
 
 
@@ -42,7 +45,7 @@ def render(project: Path, config, repo_id: str, variants: list[tuple[str, str, t
     """
     project = Path(project)
     runs = latest_runs(project / "benchmarks" / "results")
-    plot = benchmark_svg(runs[0]) if runs else None
+    plot = benchmark_svg({**runs[0], "records": headline_records(runs[0]) or runs[0]["records"]}) if runs else None
     has_scripts = any((project / "benchmarks").glob("benchmark*.py"))
     text = Template(TEMPLATE.read_text()).substitute(
         license=hub_license(config.license),
@@ -152,14 +155,20 @@ def _variants_markdown(variants: list[tuple[str, str, tuple[str, ...]]]) -> str:
 
 # -- benchmarks ----------------------------------------------------------------------------------
 def latest_runs(results: Path) -> list[dict]:
-    """The newest recorded benchmark run per device, newest first (DESIGN.md's JSON format)."""
+    """The newest recorded attention benchmark run per device, newest first (DESIGN.md's JSON format).
+
+    Other results files (build times, training loops, build vs Hub) are not attention runs and
+    are left out.
+    """
+    from .comparison import kind_of
+
     runs: dict[str, dict] = {}
     for path in sorted(results.glob("*.json")) if results.is_dir() else []:
         try:
             run = json.loads(path.read_text())
         except ValueError:
             continue
-        if not isinstance(run, dict) or not run.get("records"):
+        if not isinstance(run, dict) or not run.get("records") or kind_of(run) != "attention":
             continue
         run["_file"] = path.name
         device = str(run.get("device", "?"))
@@ -181,6 +190,13 @@ def _benchmarks_markdown(runs: list[dict], plot_path: str | None) -> str:
     parts = []
     if plot_path:
         parts.append(f"![TFLOP/s per implementation on {escape(str(runs[0].get('device')))}]({plot_path})\n")
+    headline = headline_table(runs[0])
+    if headline:
+        parts.append(f"**Headline**, {header_line(runs[0])}:\n")
+        parts.append(headline + "\n")
+        parts.append("Every point, the peers, the decode shape and the training-loop figures: "
+                     "`docs/attention-comparison.md` in the source repository and `benchmarks/results/` on the "
+                     "version branch.\n")
     for run in runs:
         parts.append(f"**{run.get('device')}**, torch {run.get('torch')}, CUDA {run.get('cuda')}, "
                      f"{run.get('date')} (`benchmarks/results/{run['_file']}` on the version branch)\n")

@@ -17,6 +17,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("check", "check", "check existing builds: ABI, stable-ABI symbols, import through kernels, digest"),
     ("publish", "publish", "publish verified builds to the Hub or the embedded local repository"),
     ("bench", "bench", "benchmark against the peers on this machine and record results"),
+    ("docs", "comparison", "write docs/attention-comparison.md from the recorded benchmark results"),
     ("main", "mainjob", "build for this machine, verify, publish locally and load back through kernels"),
 ]
 
@@ -38,6 +39,7 @@ def _stage(module: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by stages that write results
     try:
         return int(_stage(args._module).run(args) or 0)
     except PipelineError as err:
