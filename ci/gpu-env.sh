@@ -1,0 +1,26 @@
+# Sourced by the device scripts (ci/gpu-bench.sh, ci/gpu-train.sh): the machine's own torch, the
+# pipeline's missing packages from the wheels carried in .whl/ (installed into /tmp/site), a record
+# of card, driver, clocks and versions in $OUT/versions.txt, and a timer against the call's limit.
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+CALL_START=$(date +%s)
+OUT=${OUT:-$PWD/_gpu-out}
+mkdir -p "$OUT"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || echo "warning: installing .whl/ failed; using what the machine has"
+fi
+export PYTHONPATH=/tmp/site:$PWD
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit --format=csv,noheader
+  python3 -c "import torch, kernels; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'kernels', kernels.__version__)"
+  python3 -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -1
+  nvcc --version | tail -1
+} 2>&1 | tee "$OUT/versions.txt"
+
+# Seconds left before the call's deadline (DEADLINE_S after the start, default 560 of the 600 allowed).
+left() { echo $(( ${DEADLINE_S:-560} - ($(date +%s) - CALL_START) )); }
+# The smaller of a stage's own budget and what the call has left, keeping RESERVE_S for the end.
+budget() { local want=$1 have; have=$(( $(left) - ${RESERVE_S:-30} )); echo $(( want < have ? want : have )); }
+# Results so far to $OUT, after every stage: a call cut by its limit still brings back what ran.
+save() { mkdir -p "$OUT/results"; cp benchmarks/results/*.json benchmarks/results/*.md benchmarks/results/*.png "$OUT/results/" 2>/dev/null; true; }

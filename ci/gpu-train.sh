@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device call (600 s) on the H100: build from source vs Hub kernel (a cold build of this
+# machine's CUDA variant with every architecture, as a user gets it), then the training-loop
+# benchmark (ours through transformers' hub-kernel loading, sdpa, eager; with and without Liger).
+#   usage: OUT=... bash ci/gpu-train.sh          env: TRAIN_SEQLENS, DEADLINE_S
+# Results: benchmarks/results/{build-vs-hub,train-loop}-h100-<date>.{json,md,png}, copied to $OUT/results/.
+set -uo pipefail
+. "$(dirname "$0")/gpu-env.sh"
+DAY=$(date -u +%F)
+
+# Not forced to sm_90: the timed build is the one a user runs, every architecture of the variant.
+timeout -s TERM $(budget 200) python3 benchmarks/build_vs_hub.py --device cuda --jobs "$MAX_JOBS" --rounds 3 \
+  --name "build-vs-hub-h100-$DAY" 2>&1 | tee "$OUT/build-vs-hub.log"
+save
+echo "build vs hub done, $(left) s left"
+
+# The training loop needs this checkout's build/ (published by the script to a temporary embedded repository).
+FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS:-9.0} python3 -m flash_attn_kernel build --jobs "$MAX_JOBS" 2>&1 \
+  | tee "$OUT/build.log" | tail -3
+b=$(budget 330)
+timeout -s TERM -k 10 $((b + 45)) python3 benchmarks/train_loop.py --device cuda --time-budget "$b" \
+  --seqlens "${TRAIN_SEQLENS:-2048,4096,8192,16384}" --name "train-loop-h100-$DAY" 2>&1 | tee "$OUT/train-loop.log"
+save
+python3 -m flash_attn_kernel docs && cp docs/attention-comparison.md "$OUT/"
+echo "done in $(( $(date +%s) - CALL_START )) s"
