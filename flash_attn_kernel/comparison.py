@@ -205,6 +205,7 @@ def _attention_section(found, project: Path, page_dir: Path) -> list[str]:
     if doc.get("timing"):
         out += [f"Timing: {doc['timing']}. FLOPs: forward 4·b·s_q·s_k·h·d, halved for causal; backward 2.5x forward.",
                 ""]
+    out += _in_short(doc)
     out += ["### Throughput", ""]
     table = headline_table(doc)
     out += [table or "_No forward/backward points in this run._", ""]
@@ -247,6 +248,33 @@ def _attention_section(found, project: Path, page_dir: Path) -> list[str]:
     if md.is_file():
         out += ["", f"Every point: [{md.name}]({_rel(md, page_dir)})."]
     return out
+
+
+def _in_short(doc: dict) -> list[str]:
+    """The fastest implementation per op and the decode winner, over the headline points, in words."""
+    rows = [r for r in headline_records(doc) if r.get("tflops")]
+    lines = []
+    for op in ("fwd", "bwd"):
+        per_impl: dict[str, list[float]] = {}
+        for r in rows:
+            if r["op"] == op and r["seqlen_q"] >= 2048:
+                per_impl.setdefault(r["impl"], []).append(r["tflops"])
+        if per_impl:
+            ranked = sorted(per_impl, key=lambda n: -statistics.median(per_impl[n]))
+            lines.append(f"- **{'Forward' if op == 'fwd' else 'Backward'}** (training shapes, seqlen >= 2048): fastest "
+                         f"is `{ranked[0]}` ({statistics.median(per_impl[ranked[0]]):.0f} TFLOP/s median), then " +
+                         ", ".join(f"`{n}` ({statistics.median(per_impl[n]):.0f})" for n in ranked[1:]) + ".")
+    decode = sorted((r for r in doc.get("records", []) if r.get("op") == "decode" and r.get("ms")),
+                    key=lambda r: r["ms"])
+    if decode:
+        d = decode[0]
+        lines.append(f"- **Decode** ({d['dtype']}): fastest is `{d['impl']}` at {d['ms'] * 1e3:.0f} µs per step "
+                     f"({d['gbps']:.0f} GB/s of K/V).")
+    oom = sorted({r["impl"] for r in doc.get("records", []) if "OutOfMemory" in (r.get("error") or "")})
+    if oom:
+        lines.append("- **Memory**: " + ", ".join(f"`{n}`" for n in oom) + " ran out of memory at the longest "
+                     "sequences; flash-style kernels keep memory linear in sequence length (table below).")
+    return (["In short, on this card:", "", *lines, ""]) if lines else []
 
 
 def _points_table(doc: dict, cell) -> list[str]:
