@@ -134,12 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {doc['build_s']:.1f} s", flush=True)
         built = scratch / "build" / variant
         doc["variant_bytes"] = _tree_bytes(built)
+        _write(doc, out)  # a call cut short later still keeps the build time
 
         print("== publish to an embedded repository", flush=True)
         t0 = time.perf_counter()
         published = publish_local(scratch, hub_dir=Path(tmp) / "hub", variants=[variant])
         doc["publish_s"] = time.perf_counter() - t0
         doc["repo_id"] = published.repo_id
+        doc["summary"] = {}
         where = {"hub": f"{published.repo_id}@{published.version}", "source": str(scratch / "build")}
         load_env = dict(os.environ, LOCAL_KERNELS=f"{published.repo_id}={published.load_path}", HF_HUB_OFFLINE="1")
         load_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
@@ -157,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 res = json.loads(lines[-1][7:])
                 runs[how].append(res)
+                doc["runs"], doc["summary"] = runs, summarize(runs, doc["build_s"])
+                _write(doc, out)
                 print(f"   {how:6s} round {r + 1}: get_kernel {res['load_s']:.2f} s, first call {res['first_call_s']:.2f} s, "
                       f"fwd+bwd {res['ms']:.3f} ms  ({res['module']})", flush=True)
         doc["runs"] = runs
@@ -196,6 +200,8 @@ def markdown(doc: dict) -> str:
         return "\n".join(lines + [f"**Failed:** {doc['error']}", ""])
     s = doc.get("summary", {})
     shape = doc["speed_shape"]
+    if "publish_s" not in doc:
+        return "\n".join(lines + [f"Built `{doc['variant']}` in {doc['build_s']:.1f} s; nothing loaded yet.", ""])
     lines += [f"Variant `{doc['variant']}` ({doc['variant_bytes'] / 2**20:.1f} MiB), {doc['cores']} cores.", "",
               "| | from source (builder) | from the Hub repository (`kernels.get_kernel`) |", "|---|---:|---:|",
               f"| build | {doc['build_s']:.1f} s | — (published once: {doc['publish_s']:.1f} s) |"]
@@ -210,7 +216,7 @@ def markdown(doc: dict) -> str:
                   f"({'identical within noise' if s['identical_within_noise'] else 'NOT within noise'}: spread across "
                   f"processes {100 * s['source']['ms_spread']:.1f}% / {100 * s['hub']['ms_spread']:.1f}%)."]
     else:
-        lines.append("Loading failed; see `runs` in the JSON.")
+        lines.append("Loads not measured (the run stopped, or a load failed: see `runs` in the JSON).")
     return "\n".join(lines) + "\n"
 
 
