@@ -155,7 +155,7 @@ def _variants_markdown(variants: list[tuple[str, str, tuple[str, ...]]]) -> str:
 
 # -- benchmarks ----------------------------------------------------------------------------------
 def latest_runs(results: Path) -> list[dict]:
-    """The newest recorded attention benchmark run per device, newest first (DESIGN.md's JSON format).
+    """The newest recorded attention benchmark run per device, GPU runs first, then newest first.
 
     Other results files (build times, training loops, build vs Hub) are not attention runs and
     are left out.
@@ -174,7 +174,8 @@ def latest_runs(results: Path) -> list[dict]:
         device = str(run.get("device", "?"))
         if device not in runs or str(run.get("date", "")) > str(runs[device].get("date", "")):
             runs[device] = run
-    return sorted(runs.values(), key=lambda r: str(r.get("date", "")), reverse=True)
+    # GPU runs first: the card's headline is the first run, and users come for GPU figures.
+    return sorted(runs.values(), key=lambda r: (bool(r.get("cuda")), str(r.get("date", ""))), reverse=True)
 
 
 def _shape(r: dict) -> str:

@@ -317,10 +317,12 @@ def _build_section(found, project: Path) -> list[str]:
         return out + [f"The build failed: `{doc['error'][:300]}`"]
     s = doc.get("summary", {})
     mib = doc.get("variant_bytes", 0) / 2**20
+    toolchain = ("a CUDA toolkit and a C++ compiler matching the variant" if "-cu" in doc["variant"] else
+                 "a C++ compiler and torch's headers")
     hub_load = (f"took **{s['hub']['load_s']:.2f} s** in a fresh process" if "hub" in s else "was not measured")
     out += ["### Time to a working kernel", "",
             f"Building `{doc['variant']}` from source with this project's builder took **{doc['build_s']:.0f} s** on "
-            f"{doc.get('cores')} cores (and needs a CUDA toolkit and compiler matching the variant). Loading the "
+            f"{doc.get('cores')} cores (and needs {toolchain}). Loading the "
             f"published build with `kernels.get_kernel` {hub_load}, plus the download of the variant ({mib:.1f} MiB) "
             "from the Hub; nothing is compiled.", ""]
     if "source" in s and "hub" in s:

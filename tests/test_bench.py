@@ -202,10 +202,11 @@ def test_comparison_page_embeds_the_plots_that_exist(tmp_path: Path):
 
 
 def test_card_shows_the_headline_table_and_plot(tmp_path: Path):
-    results = write_results(tmp_path, h100=attention_run())
+    results = write_results(tmp_path, h100=attention_run(), cpu={**attention_run("AMD EPYC", "2026-12-01"), "cuda": None})
     (results / "build-times-x.json").write_text(json.dumps({"host": "x", "records": [{"variant": "v", "seconds": 1}]}))
     runs = card.latest_runs(results)
-    assert [r["device"] for r in runs] == ["NVIDIA H100 80GB HBM3"]  # build times are not an attention run
+    # Build times are not an attention run; the GPU run heads the card even when a CPU run is newer.
+    assert [r["device"] for r in runs] == ["NVIDIA H100 80GB HBM3", "AMD EPYC"]
     text = card._benchmarks_markdown(runs, "media/benchmarks.svg")
     assert "**Headline**" in text and "ours / best peer" in text
     assert "| bwd | yes | 16384 | 220 | 120 | 200 | 100 | — | 1.10x |" in text
