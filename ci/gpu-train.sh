@@ -12,7 +12,7 @@ DAY=$(date -u +%F)
 DEVICE=${BENCH_DEVICE:-cuda}
 
 # Not forced to sm_90: the timed build is the one a user runs, every architecture of the variant.
-timeout -s TERM $(budget 200) python3 benchmarks/build_vs_hub.py --device "$DEVICE" --jobs "$MAX_JOBS" --rounds 3 \
+timeout -s TERM $(budget 250) python3 benchmarks/build_vs_hub.py --device "$DEVICE" --jobs "$MAX_JOBS" --rounds 3 \
   --name "build-vs-hub-h100-$DAY" 2>&1 | tee "$OUT/build-vs-hub.log"
 save
 echo "build vs hub done, $(left) s left"
@@ -22,7 +22,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS:-9.0} python3 -m flash_attn_kernel build --jobs "$MAX_JOBS" 2>&1 \
     | tee "$OUT/build.log" | tail -3
 fi
-b=$(budget 330)
+b=$(budget 260)
 # shellcheck disable=SC2086  # TRAIN_EXTRA is a list of arguments
 timeout -s TERM -k 10 $((b + 45)) python3 benchmarks/train_loop.py --device "$DEVICE" --time-budget "$b" \
   --seqlens "${TRAIN_SEQLENS:-2048,4096,8192,16384}" ${TRAIN_EXTRA:-} --name "train-loop-h100-$DAY" 2>&1 | tee "$OUT/train-loop.log"
