@@ -146,11 +146,10 @@ def liger_choices(mode: str, cuda: bool) -> list[bool]:
         return [False]
     if mode == "both":
         return [False, True]
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
-        return [False]
-    return [False, True] if cuda else [False]
+    import importlib.util
+
+    # Liger's kernels are Triton kernels: only on CUDA, and only where the package is installed.
+    return [False, True] if cuda and importlib.util.find_spec("liger_kernel") is not None else [False]
 
 
 def main(argv: list[str] | None = None) -> int:
