@@ -6,7 +6,7 @@
 #   usage: OUT=... bash ci/gpu-bench.sh
 #   env: BENCH_NAME, BENCH_LABEL, DEADLINE_S (default 560), SEQLENS, SKIP_BUILD=1 (build/ is current),
 #        BENCH_EXTRA (appended to every stage's arguments, e.g. a tiny grid to try the script on a CPU)
-# Results: benchmarks/results/$BENCH_NAME.{json,md} and PNGs, copied to $OUT/results/ after each stage.
+# Results: benchmarks/results/$BENCH_NAME.{json,md} and PNGs, archived in $OUT/results.tgz after each stage.
 set -uo pipefail
 . "$(dirname "$0")/gpu-env.sh"
 NAME=${BENCH_NAME:-h100-attention-$(date -u +%F)}

@@ -23,4 +23,8 @@ left() { echo $(( ${DEADLINE_S:-560} - ($(date +%s) - CALL_START) )); }
 # The smaller of a stage's own budget and what the call has left, keeping RESERVE_S for the end.
 budget() { local want=$1 have; have=$(( $(left) - ${RESERVE_S:-30} )); echo $(( want < have ? want : have )); }
 # Results so far to $OUT, after every stage: a call cut by its limit still brings back what ran.
-save() { mkdir -p "$OUT/results"; cp benchmarks/results/*.json benchmarks/results/*.md benchmarks/results/*.png "$OUT/results/" 2>/dev/null; true; }
+# One archive of the result files this call wrote (the device returns at most 8 files per call).
+save() {
+  find benchmarks/results -type f -newer "$OUT/versions.txt" -print0 | tar -czf "$OUT/results.tgz" --null -T - 2>/dev/null
+  true
+}

@@ -5,7 +5,7 @@
 #   usage: OUT=... bash ci/gpu-train.sh
 #   env: TRAIN_SEQLENS, TRAIN_EXTRA (more train_loop.py arguments), DEADLINE_S (default 560), SKIP_BUILD=1,
 #        BENCH_DEVICE (default cuda; cpu tries the script on a machine without a GPU)
-# Results: benchmarks/results/{build-vs-hub,train-loop}-h100-<date>.{json,md,png}, copied to $OUT/results/.
+# Results: benchmarks/results/{build-vs-hub,train-loop}-h100-<date>.{json,md,png}, archived in $OUT/results.tgz.
 set -uo pipefail
 . "$(dirname "$0")/gpu-env.sh"
 DAY=$(date -u +%F)
