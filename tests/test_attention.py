@@ -146,6 +146,54 @@ def test_dense(device_kernel, dtype_name, head_dim, features):
         assert_close(name, a, b, c, 3, floor_bwd * (10 if name == "dsinks" else 1))
 
 
+# Long sequences: many query blocks per head, many key tiles, mask edges that cut tiles and
+# register panels at every offset, the last panel partly padding rows, GQA rows packed in a block.
+_LONG = [
+    dict(sq=803, sk=803),
+    dict(sq=803, sk=803, causal=True),
+    dict(sq=517, sk=931, causal=True, hq=4, hk=2),  # fewer queries than keys
+    dict(sq=931, sk=517, causal=True),  # more queries than keys: leading rows see no key
+    dict(sq=700, sk=700, window=(131, 0), hq=6, hk=2),
+    dict(sq=650, sk=720, window=(47, 90)),
+    dict(sq=600, sk=600, causal=True, softcap=4.0, alibi="head"),
+    dict(sq=600, sk=600, causal=True, dropout=0.1, sinks=True, hq=4, hk=1),
+]
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128, 40])
+@pytest.mark.parametrize("case", range(len(_LONG)))
+def test_long_forward(device_kernel, dtype_name, head_dim, case):
+    kernel, device = device_kernel
+    dtype = DTYPES[dtype_name]
+    _supported(dtype, device)
+    features = _LONG[case]
+    _seed("long", dtype_name, head_dim, case)
+    sq, sk = features["sq"], features["sk"]
+    hq, hk = features.get("hq", 2), features.get("hk", 2)
+    causal = features.get("causal", False)
+    window = features.get("window", (-1, -1))
+    softcap = features.get("softcap", 0.0)
+    dropout = features.get("dropout", 0.0)
+    q = torch.randn(1, sq, hq, head_dim, device=device, dtype=dtype)
+    k = torch.randn(1, sk, hk, head_dim, device=device, dtype=dtype)
+    v = torch.randn(1, sk, hk, head_dim, device=device, dtype=dtype)
+    alibi = _alibi(features.get("alibi"), 1, hq, device)
+    sinks = torch.randn(hq, device=device) * 2 if features.get("sinks") else None
+
+    seed, offset = expected_philox(q.device, dropout)
+    out, lse, _ = kernel.flash_attn_func(q, k, v, dropout_p=dropout, causal=causal, window_size=window,
+                                         softcap=softcap, alibi_slopes=alibi, return_attn_probs=True, sinks=sinks)
+    kw = dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=alibi, dropout_p=dropout,
+              philox_seed=seed, philox_offset=offset, sinks=sinks)
+    ref, ref_lse = attention_ref(q, k, v, compute_dtype=torch.float64, **kw)
+    lowp, _ = attention_ref(q, k, v, compute_dtype=None, **kw)
+    assert_close("out", out, ref, lowp, 2, FLOORS[dtype][0])
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "rows without keys must have lse = +inf, others finite"
+    assert (lse[finite] - ref_lse[finite]).abs().max().item() <= 1e-3 * math.sqrt(head_dim)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_deterministic_backward(device_kernel, causal):
     kernel, device = device_kernel

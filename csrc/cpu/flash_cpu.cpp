@@ -11,6 +11,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "flash_api.h"
@@ -29,9 +30,11 @@ namespace baseline {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define FLASH_CPU_F16C 1  // half <-> float through vcvtph2ps / vcvtps2ph
+#define FLASH_CPU_AVX2 1  // the target pragma does not define __AVX2__ for the preprocessor
 namespace avx2 {
 #include "flash_cpu_kernels.h"
 }  // namespace avx2
+#undef FLASH_CPU_AVX2
 #undef FLASH_CPU_F16C
 #pragma GCC pop_options
 #endif

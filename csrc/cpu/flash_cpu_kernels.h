@@ -3,17 +3,19 @@
 // source yields a baseline x86-64 build and an AVX2+FMA+F16C build chosen at run time. No
 // include guard on purpose.
 //
-// The algorithm is FlashAttention-2's: the forward walks the keys of a block of kBlockM query
-// rows in tiles of kBlockN with an online softmax (no seqlen_q x seqlen_k buffer); the backward
-// recomputes the probabilities from softmax_lse. Tiles are widened to float32 once.
+// The algorithm is FlashAttention-2's: the forward walks the keys of a block of query rows in
+// tiles with an online softmax (no seqlen_q x seqlen_k buffer); the backward recomputes the
+// probabilities from softmax_lse. Tiles are widened to float32 once.
 //
-// Vectorization. Every matrix product goes through gemm(), a 4-row register-blocked
-// micro-kernel on GCC/Clang vector values (Vec8): left to the auto-vectorizer, its 16-wide
-// tile spilled its accumulators to the stack and ran ~40% slower. Every other inner loop (tile
-// loads and conversions, score scaling/softcap/ALiBi/masking, the polynomial exp, row max/sum,
-// rescaling, stores) is a plain loop over a contiguous row that GCC auto-vectorizes; checked
-// with -O3 -fopt-info-vec-optimized (and -missed for the ones that were not, e.g. the exp loop
-// until its clamp became an integer select).
+// Vectorization. The forward's products are register-tiled micro-kernels (qk_tile, pv_tile:
+// 6 x 16 float accumulators on AVX2) over packed tiles, its softmax explicit Vec8 code with a
+// polynomial exp2; see the forward section. The backward's products go through gemm(), a 4-row
+// register-blocked micro-kernel on GCC/Clang vector values (Vec8): left to the auto-vectorizer,
+// its 16-wide tile spilled its accumulators to the stack and ran ~40% slower. The backward's
+// other inner loops (tile loads and conversions, score scaling/softcap/ALiBi/masking, the
+// polynomial exp, rescaling, stores) are plain loops over a contiguous row that GCC
+// auto-vectorizes; checked with -O3 -fopt-info-vec-optimized (and -missed for the ones that
+// were not, e.g. the exp loop until its clamp became an integer select).
 //
 // Work is spread through the ParallelFor the binding passes (torch's intra-op pool), items
 // handed out dynamically (parallel() below):
@@ -24,8 +26,8 @@
 //            reduced afterwards in a fixed order.
 // The backward is therefore deterministic whatever `deterministic` says.
 
-constexpr int kBlockM = 128;  // query rows per work item (a multiple of 4)
-constexpr int kBlockN = 64;  // keys per tile (a multiple of 16)
+constexpr int kBlockM = 128;  // backward: query rows per work item (a multiple of 4)
+constexpr int kBlockN = 64;  // backward: keys per tile (a multiple of 16)
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // ---- element types ----------------------------------------------------------------------
@@ -182,17 +184,17 @@ inline float alibi_slope(const FlashFwdParams& p, int b, int h) {
   return p.alibi_slopes ? p.alibi_slopes[static_cast<int64_t>(b) * p.alibi_batch_stride + h] : 0.0f;
 }
 
-// Scaled, soft-capped, biased scores of row i against keys [n0, n0 + kBlockN): `raw` holds
-// q.k on entry and the final logits on exit (-inf where masked); `capped` keeps the
-// soft-capped value divided by softcap (tanh), which the backward's chain rule needs.
-inline void finish_scores(const FlashFwdParams& p, const RowMask& m, float slope, int i, int n0, float* raw,
-                          float* tanh_out) {
+// Scaled, soft-capped, biased scores of row i against keys n0 + [j0, j1): `raw` holds q.k on
+// entry and the final logits on exit (-inf where masked); `tanh_out` keeps the soft-capped value
+// divided by softcap (tanh), which the backward's chain rule needs.
+inline void finish_scores(const FlashFwdParams& p, const RowMask& m, float slope, int i, int n0, int j0, int j1,
+                          float* raw, float* tanh_out) {
   // one simple loop per modifier, so each vectorizes on its own
   const float scale = p.softmax_scale;
-  for (int j = 0; j < kBlockN; ++j) raw[j] *= scale;
+  for (int j = j0; j < j1; ++j) raw[j] *= scale;
   if (p.softcap > 0.0f) {
     const float cap = p.softcap, inv_cap = 1.0f / p.softcap;
-    for (int j = 0; j < kBlockN; ++j) {
+    for (int j = j0; j < j1; ++j) {
       const float t = std::tanh(raw[j] * inv_cap);
       if (tanh_out) tanh_out[j] = t;
       raw[j] = cap * t;
@@ -200,9 +202,9 @@ inline void finish_scores(const FlashFwdParams& p, const RowMask& m, float slope
   }
   const int base = i + m.diag - n0;  // distance of column j: |base - j|
   if (slope != 0.0f)
-    for (int j = 0; j < kBlockN; ++j) raw[j] -= slope * static_cast<float>(std::abs(base - j));
+    for (int j = j0; j < j1; ++j) raw[j] -= slope * static_cast<float>(std::abs(base - j));
   const int lo = m.lo(i) - n0, hi = m.hi(i) - n0;
-  for (int j = 0; j < kBlockN; ++j) raw[j] = (j >= lo && j < hi) ? raw[j] : -kInf;
+  for (int j = j0; j < j1; ++j) raw[j] = (j >= lo && j < hi) ? raw[j] : -kInf;
 }
 
 // exp(x) for x <= 0 (softmax arguments), branch-free so loops over it vectorize: Cephes'
@@ -234,27 +236,10 @@ inline void exp_row(const float* x, float sub, float* out) {
   for (int j = 0; j < kBlockN; ++j) out[j] = exp_nonpos(x[j] - sub);
 }
 
-// max and sum over kBlockN floats through 8 independent lanes (vectorizable without -ffast-math).
-inline float row_max(const float* x) {
-  float lane[8];
-  for (int u = 0; u < 8; ++u) lane[u] = x[u];
-  for (int j = 8; j < kBlockN; j += 8)
-    for (int u = 0; u < 8; ++u) lane[u] = lane[u] > x[j + u] ? lane[u] : x[j + u];
-  float m = lane[0];
-  for (int u = 1; u < 8; ++u) m = m > lane[u] ? m : lane[u];
-  return m;
-}
-
-inline float row_sum(const float* x) {
-  float lane[8] = {};
-  for (int j = 0; j < kBlockN; j += 8)
-    for (int u = 0; u < 8; ++u) lane[u] += x[j + u];
-  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-}
-
-// Dropout keep flags of row i against keys [n0, n0 + kBlockN).
-inline void dropout_row(const FlashFwdParams& p, uint32_t threshold, int64_t bh, int i, int n0, bool* keep) {
-  for (int j = 0; j < kBlockN; j += 4) {
+// Dropout keep flags of row i against keys n0 + [j0, j1) (j0, j1 multiples of 4).
+inline void dropout_row(const FlashFwdParams& p, uint32_t threshold, int64_t bh, int i, int n0, int j0, int j1,
+                        bool* keep) {
+  for (int j = j0; j < j1; j += 4) {
     const Philox4 r = dropout_randoms(p.philox_seed, p.philox_offset, bh, i, n0 + j);
     keep[j] = r.x >= threshold;
     keep[j + 1] = r.y >= threshold;
@@ -345,33 +330,22 @@ void load_query_tile(const FlashFwdParams& p, const Seq& s, int b, int h, int i0
   std::fill(dst + rows * d, dst + round_up4(rows) * d, 0.0f);
 }
 
-// Loads keys [n0, n0 + kBlockN) of (b, hk) row-major (kBlockN x d); keys past len_k are zero.
-template <typename T>
-void load_key_rows(const FlashFwdParams& p, const Seq& s, int b, int hk, int n0, const void* base, int64_t bs,
-                   int64_t rs, int64_t hs, float* dst) {
-  const int d = p.head_dim;
-  for (int j = 0; j < kBlockN; ++j) {
-    if (n0 + j < s.len_k) {
-      load_row(static_cast<const T*>(base) + key_offset(p, s, b, n0 + j, hk, bs, rs, hs), dst + j * d, d);
-    } else {
-      std::fill(dst + j * d, dst + (j + 1) * d, 0.0f);
-    }
-  }
-}
-
 // Per-thread scratch reused across work items, so a tile costs no allocation (fresh buffers of
-// this size would go through mmap/munmap and page faults on every item).
+// this size would go through mmap/munmap and page faults on every item). Pieces start on 64-byte
+// boundaries, so vector loads do not straddle cache lines.
 class Arena {
  public:
-  explicit Arena(int head_dim) {
-    const size_t floats = 4 * static_cast<size_t>(kBlockM) * head_dim + 4 * static_cast<size_t>(kBlockN) * head_dim +
-                          4 * static_cast<size_t>(kBlockM) * kBlockN + 4 * static_cast<size_t>(kBlockM);
+  static constexpr size_t kAlign = 16;  // floats
+
+  explicit Arena(size_t floats) {
     thread_local std::vector<float> buffer;
-    if (buffer.size() < floats) buffer.resize(floats);
-    next_ = buffer.data();
-    end_ = buffer.data() + floats;
+    if (buffer.size() < floats + kAlign) buffer.resize(floats + kAlign);
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(buffer.data());
+    next_ = buffer.data() + ((64 - addr % 64) % 64) / sizeof(float);
+    end_ = buffer.data() + buffer.size();
   }
   float* take(size_t n) {
+    n = (n + kAlign - 1) / kAlign * kAlign;
     if (next_ + n > end_) throw std::logic_error("flash cpu: scratch arena too small");
     float* p = next_;
     next_ += n;
@@ -388,6 +362,12 @@ class Arena {
   float* end_;
 };
 
+// Scratch floats a backward work item takes.
+size_t bwd_scratch_floats(int d) {
+  return 4 * static_cast<size_t>(kBlockM) * d + 4 * static_cast<size_t>(kBlockN) * d +
+         4 * static_cast<size_t>(kBlockM) * kBlockN + 4 * static_cast<size_t>(kBlockM) + 16 * Arena::kAlign;
+}
+
 struct Dropout {
   bool on;
   uint32_t threshold;
@@ -397,14 +377,178 @@ struct Dropout {
 };
 
 // ---- forward -----------------------------------------------------------------------------
+//
+// A work item is a block of block_m rows of (query row, head of the GQA group) pairs that
+// share a KV head; it walks its keys in tiles of kFwdBlockN. Each key tile is widened to float
+// once per item and packed so the micro-kernels read it sequentially: K transposed in panels of
+// kPanelCols keys ([key panel][d][kPanelCols]), V in panels of kPanelCols head-dim columns
+// ([column panel][key][kPanelCols], the head dim padded to a multiple of kPanelCols). The rows
+// are then taken kPanelRows at a time: S = Q K^T into a small buffer that stays in L1, the
+// online softmax on it, and O = O * correction + P V. Both products are register tiles of
+// kPanelRows x kPanelCols float accumulators; a panel computes only the key columns its rows
+// can see (in steps of kPanelCols), and the mask is applied only where a panel crosses a mask
+// edge.
 
-// One work item: kBlockM rows of (query row i, query head h) pairs of one sequence that share
-// the KV head hk, row t <-> (i = t / group, h = hk * group + t % group) ("pack GQA"), so every
-// key tile is loaded and widened once for the whole group (decoding with GQA/MQA is mostly that).
+#if defined(FLASH_CPU_AVX2)
+constexpr int kPanelRows = 6;  // 6 x 2 accumulators + 2 values of V or K^T + 1 broadcast: 15 of 16 ymm
+#else
+constexpr int kPanelRows = 3;  // SSE: each Vec8 takes two of the 16 xmm registers
+#endif
+constexpr int kPanelCols = 16;   // two Vec8
+// Rows per work item, at most: every item reads and packs all the keys its rows see, from rows
+// heads apart in memory (a TLB miss and a cache miss per key row), so large items pay off.
+constexpr int kFwdMaxBlockM = 768;
+constexpr int kFwdBlockN = 64;   // keys per tile: a multiple of kPanelCols
+// Floats between V's column panels: a cache line more than a panel, so the panels' rows do not
+// sit 4 KiB apart (loads and stores 4 KiB apart falsely depend on each other).
+constexpr int kVPanelStride = kFwdBlockN * kPanelCols + 16;
+constexpr float kLog2e = 1.4426950408889634f;
+
+typedef int32_t Vec8i __attribute__((vector_size(32), aligned(4), may_alias));
+
+inline Vec8 load8(const float* p) { return *reinterpret_cast<const Vec8*>(p); }
+inline void store8(float* p, Vec8 v) { *reinterpret_cast<Vec8*>(p) = v; }
+
+// Transposes the 8 x 8 block r[0..7] in place (unpack, shuffle, then swap 128-bit halves).
+inline void transpose8(Vec8* r) {
+  const Vec8i lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+  const Vec8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const Vec8i first = {0, 1, 2, 3, 8, 9, 10, 11}, second = {4, 5, 6, 7, 12, 13, 14, 15};
+  Vec8 t[8], u[8];
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = __builtin_shuffle(r[k], r[k + 1], lo);
+    t[k + 1] = __builtin_shuffle(r[k], r[k + 1], hi);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    u[k] = __builtin_shuffle(t[k], t[k + 2], lo2);
+    u[k + 1] = __builtin_shuffle(t[k], t[k + 2], hi2);
+    u[k + 2] = __builtin_shuffle(t[k + 1], t[k + 3], lo2);
+    u[k + 3] = __builtin_shuffle(t[k + 1], t[k + 3], hi2);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = __builtin_shuffle(u[k], u[k + 4], first);
+    r[k + 4] = __builtin_shuffle(u[k], u[k + 4], second);
+  }
+}
+
+// 2^t for t <= 0, eight at a time: t = n + f with n = round(t), Cephes' exp2f polynomial for 2^f
+// on [-0.5, 0.5] (about 2 ulp), 2^n built in the exponent bits. t is clamped to -127, where the
+// exponent field becomes 0 and the result exactly 0 (so -inf, a masked score, gives 0); NaN
+// passes through the clamp and stays NaN.
+inline Vec8 exp2_nonpos(Vec8 t) {
+  const Vec8 lowest = Vec8{} - 127.0f;
+  t = t < lowest ? lowest : t;
+  const Vec8 shifted = t + 12582912.0f;  // 1.5 * 2^23: round(t) lands in the low mantissa bits
+  const Vec8 f = t - (shifted - 12582912.0f);
+  Vec8 poly = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
+  poly = poly * f + 9.618437357674640e-3f;
+  poly = poly * f + 5.550332471162809e-2f;
+  poly = poly * f + 2.402264791363012e-1f;
+  poly = poly * f + 6.931472028550421e-1f;
+  poly = poly * f + 1.0f;
+  const Vec8i exponent = ((reinterpret_cast<const Vec8i&>(shifted) - 0x4B400000) + 127) << 23;
+  return poly * reinterpret_cast<const Vec8&>(exponent);
+}
+
+// S[R x 16] = Q panel (packed [d][R]) . K^T panel (packed [d][16]).
+template <int R>
+inline void qk_tile(int d, const float* qp, const float* kp, float* s, int lds) {
+  Vec8 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = Vec8{};
+  for (int c = 0; c < d; ++c) {
+    const Vec8 b0 = load8(kp + c * kPanelCols), b1 = load8(kp + c * kPanelCols + 8);
+    for (int r = 0; r < R; ++r) {
+      const float a = qp[c * R + r];
+      acc0[r] += a * b0;
+      acc1[r] += a * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    store8(s + r * lds, acc0[r]);
+    store8(s + r * lds + 8, acc1[r]);
+  }
+}
+
+// O[R x 16] = O * corr + P[R x [j0, j1)] . V panel (packed [key][16]).
+template <int R>
+inline void pv_tile(int j0, int j1, const float* pm, int ldp, const float* vp, float* o, int ldo, const float* corr) {
+  Vec8 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) {
+    acc0[r] = load8(o + r * ldo) * corr[r];
+    acc1[r] = load8(o + r * ldo + 8) * corr[r];
+  }
+  for (int j = j0; j < j1; ++j) {
+    const Vec8 b0 = load8(vp + j * kPanelCols), b1 = load8(vp + j * kPanelCols + 8);
+    for (int r = 0; r < R; ++r) {
+      const float a = pm[r * ldp + j];
+      acc0[r] += a * b0;
+      acc1[r] += a * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    store8(o + r * ldo, acc0[r]);
+    store8(o + r * ldo + 8, acc1[r]);
+  }
+}
+
+int round_up(int n, int m) { return (n + m - 1) / m * m; }
+
 template <typename T>
 struct Forward {
   const FlashFwdParams& p;
+  int block_m;   // rows per work item, a multiple of kPanelRows
   int m_blocks;  // row blocks per (batch, kv head), from the longest sequence
+
+  size_t scratch_floats(int d) const {
+    const size_t dp = static_cast<size_t>(round_up(d, kPanelCols));
+    return block_m * (d + dp + 2) + kFwdBlockN * d + (dp / kPanelCols) * kVPanelStride + kPanelRows * kFwdBlockN +
+           9 * dp + 9 * Arena::kAlign;
+  }
+
+  // Key rows g .. g + 7 of a tile as float rows: pointers into k / v themselves for float
+  // inputs, else widened into `rows` (stride dp); keys past len_k read `zeros`.
+  void key_rows(const Seq& s, int b, int hk, int key0, const void* base, int64_t bs, int64_t rs, int64_t hs,
+                float* rows, const float* zeros, const float** out) const {
+    const int d = p.head_dim, dp = round_up(d, kPanelCols);
+    for (int u = 0; u < 8; ++u) {
+      if (key0 + u >= s.len_k) {
+        out[u] = zeros;
+        continue;
+      }
+      const T* src = static_cast<const T*>(base) + key_offset(p, s, b, key0 + u, hk, bs, rs, hs);
+      if constexpr (std::is_same<T, float>::value) {
+        out[u] = reinterpret_cast<const float*>(src);
+      } else {
+        load_row(src, rows + u * dp, d);
+        out[u] = rows + u * dp;
+      }
+    }
+  }
+
+  // Packs keys n0 + [j0, j1) (multiples of kPanelCols) of (b, hk) as float, 8 keys at a time;
+  // keys past len_k and head-dim padding are zero. K is transposed 8 x 8 in registers:
+  // scattering single floats into the panels touches a cache line per float and thrashes L1.
+  void pack_kv(const Seq& s, int b, int hk, int n0, int j0, int j1, float* kp, float* vp, float* rows,
+               const float* zeros) const {
+    const int d = p.head_dim;
+    const float* src[8];
+    for (int g = j0; g < j1; g += 8) {
+      key_rows(s, b, hk, n0 + g, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, rows, zeros, src);
+      float* kpanel = kp + (g / kPanelCols) * kPanelCols * d + g % kPanelCols;
+      for (int c = 0; c < d; c += 8) {
+        Vec8 r[8];
+        for (int u = 0; u < 8; ++u) r[u] = load8(src[u] + c);
+        transpose8(r);
+        for (int u = 0; u < 8; ++u) store8(kpanel + (c + u) * kPanelCols, r[u]);
+      }
+      key_rows(s, b, hk, n0 + g, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, rows, zeros, src);
+      for (int u = 0; u < 8; ++u) {
+        float* dst = vp + (g + u) * kPanelCols;
+        for (int c = 0; c < d; c += 8) store8(dst + (c / kPanelCols) * kVPanelStride + c % kPanelCols, load8(src[u] + c));
+        if (d % kPanelCols) store8(dst + (d / kPanelCols) * kVPanelStride + 8, Vec8{});
+      }
+    }
+  }
 
   void run_item(int64_t item) const {
     const int mb = static_cast<int>(item % m_blocks);
@@ -412,73 +556,72 @@ struct Forward {
     const int b = static_cast<int>(item / (static_cast<int64_t>(m_blocks) * p.heads_kv));
     const int group = p.heads_q / p.heads_kv;
     const Seq s = sequence(p, b);
-    const int t0 = mb * kBlockM;
+    const int t0 = mb * block_m;
     const int total_rows = s.len_q * group;
     if (t0 >= total_rows) return;
-    const int rows = std::min(total_rows - t0, kBlockM);
-    const int rows4 = round_up4(rows);
-    const int d = p.head_dim;
+    const int rows = std::min(total_rows - t0, block_m);
+    const int padded_rows = round_up(rows, kPanelRows);
+    const int d = p.head_dim, dp = round_up(d, kPanelCols);
     const RowMask mask = row_mask(p, s);
     const Dropout drop(p.dropout_p);
+    // Padding rows of the last panel repeat the last row's mask and are never stored.
+    auto query_row = [&](int r) { return (t0 + std::min(r, rows - 1)) / group; };
+    auto query_head = [&](int r) { return hk * group + (t0 + std::min(r, rows - 1)) % group; };
 
-    Arena arena(d);
-    float* q = arena.take(static_cast<size_t>(kBlockM) * d);
-    float* acc = arena.zeros(static_cast<size_t>(kBlockM) * d);
-    float* kt = arena.take(static_cast<size_t>(d) * kBlockN);
-    float* v = arena.take(static_cast<size_t>(kBlockN) * d);
-    float* score = arena.take(static_cast<size_t>(kBlockM) * kBlockN);
-    float* maxes = arena.take(kBlockM);
-    float* sums = arena.zeros(kBlockM);
-    std::fill(maxes, maxes + kBlockM, -kInf);
-    bool keep[kBlockN];
+    Arena arena(scratch_floats(d));
+    float* qp = arena.take(static_cast<size_t>(block_m) * d);  // [panel][d][kPanelRows]
+    float* o = arena.zeros(static_cast<size_t>(block_m) * dp);
+    float* kp = arena.take(static_cast<size_t>(kFwdBlockN) * d);
+    float* vp = arena.take(static_cast<size_t>(dp / kPanelCols) * kVPanelStride);
+    float* sbuf = arena.take(static_cast<size_t>(kPanelRows) * kFwdBlockN);
+    float* row = arena.take(8 * static_cast<size_t>(dp));  // pack scratch
+    const float* zeros = arena.zeros(dp);
+    float* maxes = arena.take(block_m);  // running max of the logits, per row
+    float* sums = arena.zeros(block_m);
+    std::fill(maxes, maxes + block_m, -kInf);
+    bool keep[kFwdBlockN];
 
     const T* qb = static_cast<const T*>(p.q);
-    for (int r = 0; r < rows; ++r) {
-      const int t = t0 + r;
-      load_row(qb + query_offset(p, s, b, t / group, hk * group + t % group, p.q_batch_stride, p.q_row_stride,
-                                 p.q_head_stride),
-               q + static_cast<size_t>(r) * d, d);
-    }
-    std::fill(q + static_cast<size_t>(rows) * d, q + static_cast<size_t>(rows4) * d, 0.0f);
-    // mask bounds grow with the query row, so the block's key range is lo(first) .. hi(last)
-    const int lo = mask.lo(t0 / group), hi = mask.hi((t0 + rows - 1) / group);
-    for (int n0 = (lo / kBlockN) * kBlockN; n0 < hi; n0 += kBlockN) {
-      load_keys(p, s, b, hk, n0, static_cast<const T*>(p.k), p.k_batch_stride, p.k_row_stride, p.k_head_stride,
-                kt, nullptr);
-      load_key_rows<T>(p, s, b, hk, n0, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, v);
-      gemm(rows4, kBlockN, d, q, d, kt, kBlockN, score, kBlockN, false);
-      for (int r = 0; r < rows4; ++r) {
-        float* srow = &score[static_cast<size_t>(r) * kBlockN];
-        const int i = (t0 + r) / group, h = hk * group + (t0 + r) % group;
-        if (r >= rows || mask.hi(i) <= n0 || mask.lo(i) >= n0 + kBlockN) {
-          std::fill(srow, srow + kBlockN, 0.0f);
-          continue;
-        }
-        finish_scores(p, mask, alibi_slope(p, b, h), i, n0, srow, nullptr);
-        const float tile_max = row_max(srow);
-        if (tile_max == -kInf) {
-          std::fill(srow, srow + kBlockN, 0.0f);
-          continue;
-        }
-        const float new_max = std::max(maxes[r], tile_max);
-        const float correction = std::exp(maxes[r] - new_max);
-        maxes[r] = new_max;
-        float* a = acc + static_cast<size_t>(r) * d;
-        for (int c = 0; c < d; ++c) a[c] *= correction;
-        exp_row(srow, new_max, srow);
-        sums[r] = sums[r] * correction + row_sum(srow);
-        if (drop.on) {
-          // dropped after the sum: the normalizer counts every probability
-          dropout_row(p, drop.threshold, static_cast<int64_t>(b) * p.heads_q + h, i, n0, keep);
-          for (int j = 0; j < kBlockN; ++j) srow[j] = keep[j] ? srow[j] : 0.0f;
-        }
+    for (int r = 0; r < padded_rows; ++r) {
+      float* dst = qp + static_cast<size_t>(r / kPanelRows) * d * kPanelRows + r % kPanelRows;
+      if (r < rows) {
+        const int t = t0 + r;
+        load_row(qb + query_offset(p, s, b, t / group, hk * group + t % group, p.q_batch_stride, p.q_row_stride,
+                                   p.q_head_stride),
+                 row, d);
+        for (int c = 0; c < d; ++c) dst[c * kPanelRows] = row[c];
+      } else {
+        for (int c = 0; c < d; ++c) dst[c * kPanelRows] = 0.0f;
       }
-      gemm(rows4, d, kBlockN, score, kBlockN, v, d, acc, d, true);
+    }
+
+    // mask bounds grow with the query row, so the block's key range is lo(first) .. hi(last)
+    const int lo = mask.lo(query_row(0)), hi = mask.hi(query_row(rows - 1));
+    for (int n0 = (lo / kFwdBlockN) * kFwdBlockN; n0 < hi; n0 += kFwdBlockN) {
+      const int jb = std::max(lo - n0, 0) / kPanelCols * kPanelCols;
+      const int je = round_up(std::min(hi - n0, kFwdBlockN), kPanelCols);
+      pack_kv(s, b, hk, n0, jb, je, kp, vp, row, zeros);
+      for (int r0 = 0; r0 < padded_rows; r0 += kPanelRows) {
+        const int first = query_row(r0), last = query_row(r0 + kPanelRows - 1);
+        const int j0 = std::max(mask.lo(first) - n0, jb) / kPanelCols * kPanelCols;
+        const int j1 = round_up(std::min(mask.hi(last) - n0, je), kPanelCols);
+        if (j1 <= j0) continue;  // no row of the panel sees a key of this tile
+        const bool inside = mask.lo(last) - n0 <= j0 && mask.hi(first) - n0 >= j1;
+        for (int j = j0; j < j1; j += kPanelCols)
+          qk_tile<kPanelRows>(d, qp + static_cast<size_t>(r0) * d, kp + static_cast<size_t>(j) * d, sbuf + j,
+                              kFwdBlockN);
+        float corr[kPanelRows];
+        softmax_panel(mask, drop, b, r0, rows, n0, j0, j1, inside, sbuf, maxes + r0, sums + r0, corr,
+                      keep, query_row, query_head);
+        for (int c0 = 0; c0 < dp; c0 += kPanelCols)
+          pv_tile<kPanelRows>(j0, j1, sbuf, kFwdBlockN, vp + static_cast<size_t>(c0 / kPanelCols) * kVPanelStride,
+                              o + static_cast<size_t>(r0) * dp + c0, dp, corr);
+      }
     }
 
     T* ob = static_cast<T*>(p.out);
     for (int r = 0; r < rows; ++r) {
-      const int i = (t0 + r) / group, h = hk * group + (t0 + r) % group;
+      const int i = query_row(r), h = query_head(r);
       float lse = kInf;
       float inv = 0.0f;
       if (sums[r] > 0.0f) {
@@ -494,9 +637,77 @@ struct Forward {
         }
         lse = mx + std::log(sum);
       }
-      store_row(acc + static_cast<size_t>(r) * d, inv * drop.keep_scale,
+      store_row(o + static_cast<size_t>(r) * dp, inv * drop.keep_scale,
                 ob + query_offset(p, s, b, i, h, p.o_batch_stride, p.o_row_stride, p.o_head_stride), d);
       p.softmax_lse[lse_index(p, s, b, h, i)] = lse;
+    }
+  }
+
+  // Online softmax of one panel's scores against keys n0 + [j0, j1): turns sbuf's rows into
+  // probabilities (0 where masked or dropped), updates the running maxes and sums, and returns
+  // in corr the factor each row's accumulated output is rescaled by.
+  template <typename RowFn, typename HeadFn>
+  void softmax_panel(const RowMask& mask, const Dropout& drop, int b, int r0, int rows, int n0,
+                     int j0, int j1, bool inside, float* sbuf, float* maxes, float* sums, float* corr, bool* keep,
+                     const RowFn& query_row, const HeadFn& query_head) const {
+    // Without softcap and ALiBi the scale is folded into the exponent: exp2(s * scale * log2e - max * log2e).
+    const bool plain = p.softcap <= 0.0f && !p.alibi_slopes && p.softmax_scale > 0.0f;
+    const float to_logit = plain ? p.softmax_scale : 1.0f;
+    const float to_exp2 = to_logit * kLog2e;
+    float new_max[8], delta[8];
+    for (int r = 0; r < kPanelRows; ++r) {
+      float* x = sbuf + r * kFwdBlockN;
+      const int i = query_row(r0 + r);
+      if (!plain) {
+        finish_scores(p, mask, alibi_slope(p, b, query_head(r0 + r)), i, n0, j0, j1, x, nullptr);
+      } else if (!inside) {
+        const int lo = mask.lo(i) - n0, hi = mask.hi(i) - n0;
+        for (int j = j0; j < j1; ++j) x[j] = (j >= lo && j < hi) ? x[j] : -kInf;
+      }
+      Vec8 m0 = load8(x + j0), m1 = load8(x + j0 + 8);
+      for (int j = j0 + kPanelCols; j < j1; j += kPanelCols) {
+        const Vec8 a = load8(x + j), c = load8(x + j + 8);
+        m0 = m0 > a ? m0 : a;
+        m1 = m1 > c ? m1 : c;
+      }
+      m0 = m0 > m1 ? m0 : m1;
+      float mx = m0[0];
+      for (int u = 1; u < 8; ++u) mx = mx > m0[u] ? mx : m0[u];
+      new_max[r] = std::max(maxes[r], mx * to_logit);
+      // a row that has seen no key yet keeps corr = 1 (its output is still 0)
+      delta[r] = new_max[r] == -kInf ? 0.0f : (maxes[r] - new_max[r]) * kLog2e;
+    }
+    for (int r = kPanelRows; r < 8; ++r) delta[r] = 0.0f;
+    const Vec8 c8 = exp2_nonpos(load8(delta));
+    for (int r = 0; r < kPanelRows; ++r) corr[r] = c8[r];
+
+    for (int r = 0; r < kPanelRows; ++r) {
+      float* x = sbuf + r * kFwdBlockN;
+      maxes[r] = new_max[r];
+      if (new_max[r] == -kInf) {
+        std::fill(x + j0, x + j1, 0.0f);
+        continue;
+      }
+      const float shift = new_max[r] * kLog2e;
+      Vec8 sum0{}, sum1{};
+      for (int j = j0; j < j1; j += kPanelCols) {
+        const Vec8 e0 = exp2_nonpos(load8(x + j) * to_exp2 - shift);
+        const Vec8 e1 = exp2_nonpos(load8(x + j + 8) * to_exp2 - shift);
+        store8(x + j, e0);
+        store8(x + j + 8, e1);
+        sum0 += e0;
+        sum1 += e1;
+      }
+      sum0 += sum1;
+      float sum = 0.0f;
+      for (int u = 0; u < 8; ++u) sum += sum0[u];
+      sums[r] = sums[r] * corr[r] + sum;
+      if (drop.on && r0 + r < rows) {
+        // dropped after the sum: the normalizer counts every probability
+        dropout_row(p, drop.threshold, static_cast<int64_t>(b) * p.heads_q + query_head(r0 + r), query_row(r0 + r),
+                    n0, j0, j1, keep);
+        for (int j = j0; j < j1; ++j) x[j] = keep[j] ? x[j] : 0.0f;
+      }
     }
   }
 };
@@ -510,7 +721,7 @@ struct Forward {
 inline void score_grads(const FlashFwdParams& p, const RowMask& mask, float slope, int i, int n0, float lse,
                         float delta, const Dropout& drop, const bool* keep, float* score, float* tanh_buf,
                         float* grad, float* prob) {
-  finish_scores(p, mask, slope, i, n0, score, p.softcap > 0.0f ? tanh_buf : nullptr);
+  finish_scores(p, mask, slope, i, n0, 0, kBlockN, score, p.softcap > 0.0f ? tanh_buf : nullptr);
   exp_row(score, lse, prob);
   for (int j = 0; j < kBlockN; ++j) {
     float dp = grad[j];
@@ -568,7 +779,7 @@ struct Backward {
     const RowMask mask = row_mask(p, s);
     const Dropout drop(p.dropout_p);
 
-    Arena arena(d);
+    Arena arena(bwd_scratch_floats(d));
     float* kt = arena.take(static_cast<size_t>(d) * kBlockN);
     float* vt = arena.take(static_cast<size_t>(d) * kBlockN);
     float* dk = arena.zeros(static_cast<size_t>(kBlockN) * d);
@@ -603,7 +814,7 @@ struct Backward {
             continue;
           }
           float* g = &grad[static_cast<size_t>(r) * kBlockN];
-          if (drop.on) dropout_row(p, drop.threshold, bh, i, n0, keep);
+          if (drop.on) dropout_row(p, drop.threshold, bh, i, n0, 0, kBlockN, keep);
           score_grads(p, mask, slope, i, n0, tile.lse[r], tile.delta[r], drop, keep,
                       &score[static_cast<size_t>(r) * kBlockN], tanh_buf, g, prob);
           for (int j = 0; j < kBlockN; ++j) {
@@ -644,7 +855,7 @@ struct Backward {
     const int64_t bh = static_cast<int64_t>(b) * p.heads_q + h;
     const Dropout drop(p.dropout_p);
 
-    Arena arena(d);
+    Arena arena(bwd_scratch_floats(d));
     QueryTile tile(arena, d);
     float* dq = arena.zeros(static_cast<size_t>(kBlockM) * d);
     float* kt = arena.take(static_cast<size_t>(d) * kBlockN);
@@ -677,7 +888,7 @@ struct Backward {
           std::fill(g, g + kBlockN, 0.0f);
           continue;
         }
-        if (drop.on) dropout_row(p, drop.threshold, bh, i, n0, keep);
+        if (drop.on) dropout_row(p, drop.threshold, bh, i, n0, 0, kBlockN, keep);
         score_grads(p, mask, slope, i, n0, tile.lse[r], tile.delta[r], drop, keep,
                     &score[static_cast<size_t>(r) * kBlockN], tanh_buf, g, prob);
       }
@@ -726,7 +937,14 @@ int max_len_k(const FlashFwdParams& p) {
 
 template <typename T>
 void fwd_typed(const FlashFwdParams& p, ParallelFor parallel_for) {
-  const Forward<T> f{p, num_blocks(max_len_q(p) * (p.heads_q / p.heads_kv), kBlockM)};
+  // Equal blocks of at most kFwdMaxBlockM rows, and at least 32 items overall while blocks
+  // keep 96 rows or more, so the pool has work to balance.
+  const int rows = max_len_q(p) * (p.heads_q / p.heads_kv);
+  if (rows == 0) return;
+  const int heads = std::max(1, p.batch * p.heads_kv);
+  const int blocks = std::max(num_blocks(rows, kFwdMaxBlockM), std::min(num_blocks(32, heads), num_blocks(rows, 96)));
+  const int block_m = round_up(num_blocks(rows, std::max(blocks, 1)), kPanelRows);
+  const Forward<T> f{p, block_m, num_blocks(rows, block_m)};
   // later query blocks see more keys under a causal mask: hand them out first
   parallel(parallel_for, static_cast<int64_t>(p.batch) * p.heads_kv * f.m_blocks, /*heavy_last=*/true,
            [&](int64_t item) { f.run_item(item); });
