@@ -461,6 +461,10 @@ int main() {
   { Case c = make("long causal d=128", 1, 300, 300, 2, 2, 128); c.causal = true; c.bwd = false; cases.push_back(c); }
   { Case c = make("long gqa 4/2 d=64", 2, 200, 260, 4, 2, 64); c.bwd = false; cases.push_back(c); }
   { Case c = make("long window(100,0) d=256", 1, 260, 260, 2, 2, 256); c.wl = 100; c.wr = 0; c.bwd = false; cases.push_back(c); }
+  // At most 64 packed rows over many key tiles (decode and short prompts on long caches).
+  { Case c = make("decode long cache d=128 page=16", 2, 1, 1000, 8, 2, 128); c.causal = true; c.page_size = 16; c.seqused = {1000, 777}; c.bwd = false; cases.push_back(c); }
+  { Case c = make("sq=16 long k d=64", 1, 16, 700, 2, 2, 64); c.causal = true; c.bwd = false; cases.push_back(c); }
+  { Case c = make("sq=8 long k d=256 window", 1, 8, 400, 2, 1, 256); c.wl = 300; c.wr = 0; c.bwd = false; cases.push_back(c); }
   { Case c = make("d=8", 1, 40, 50, 2, 2, 8); cases.push_back(c); }
   { Case c = make("d=200 window", 1, 50, 80, 2, 1, 200); c.wl = 20; c.wr = 3; cases.push_back(c); }
   {
