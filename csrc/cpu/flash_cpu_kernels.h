@@ -397,8 +397,8 @@ constexpr int kPanelRows = 3;  // SSE: each Vec8 takes two of the 16 xmm registe
 constexpr int kPanelCols = 16;   // two Vec8
 // Rows per work item, at most: every item reads and packs all the keys its rows see, from rows
 // heads apart in memory (a TLB miss and a cache miss per key row), so large items pay off.
-constexpr int kFwdMaxBlockM = 768;
-constexpr int kFwdBlockN = 64;   // keys per tile: a multiple of kPanelCols
+constexpr int kFwdMaxBlockM = 1536;
+constexpr int kFwdBlockN = 128;  // keys per tile: a multiple of kPanelCols
 // Floats between V's column panels: a cache line more than a panel, so the panels' rows do not
 // sit 4 KiB apart (loads and stores 4 KiB apart falsely depend on each other).
 constexpr int kVPanelStride = kFwdBlockN * kPanelCols + 16;
@@ -437,7 +437,7 @@ inline void transpose8(Vec8* r) {
 // passes through the clamp and stays NaN.
 inline Vec8 exp2_nonpos(Vec8 t) {
   const Vec8 lowest = Vec8{} - 127.0f;
-  t = t < lowest ? lowest : t;
+  t = lowest > t ? lowest : t;  // one vmaxps; a NaN t is kept
   const Vec8 shifted = t + 12582912.0f;  // 1.5 * 2^23: round(t) lands in the low mantissa bits
   const Vec8 f = t - (shifted - 12582912.0f);
   Vec8 poly = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
