@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "check_cuda.h"
 #include "flash_api.h"
 #include "flash_params.h"
 #include "philox.h"
@@ -30,15 +31,6 @@
 namespace {
 
 using flash::DType;
-
-#define CHECK_CUDA(expr)                                                                        \
-  do {                                                                                          \
-    cudaError_t err_ = (expr);                                                                  \
-    if (err_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(err_)); \
-      std::exit(2);                                                                             \
-    }                                                                                           \
-  } while (0)
 
 uint16_t to_bits(float x, DType dt) {
   if (dt == DType::kFloat16) return __half_as_ushort(__float2half_rn(x));

@@ -12,21 +12,13 @@
 #include <vector>
 
 #include "cuda/flash_fwd_mma.cuh"
+#include "check_cuda.h"
 #include "flash_api.h"
 
 namespace {
 
 using namespace flash::cuda::detail;
 using T = __nv_bfloat16;
-
-#define CHECK_CUDA(expr)                                                                   \
-  do {                                                                                     \
-    cudaError_t err_ = (expr);                                                             \
-    if (err_ != cudaSuccess) {                                                             \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(err_)); \
-      std::exit(2);                                                                        \
-    }                                                                                      \
-  } while (0)
 
 struct Shape {
   int batch, seqlen, heads, d;
