@@ -312,7 +312,10 @@ def _build_section(found, project: Path) -> list[str]:
         return ["_Not measured yet_: no results file of `python benchmarks/build_vs_hub.py` under "
                 "`benchmarks/results/`."]
     path, doc = found
-    out = [_source_line(doc, path, project), "", "```bash", doc.get("command", ""), "```", ""]
+    archs = doc.get("cuda_archs_override")
+    # The environment narrowing the build's architectures is part of the command that reproduces it.
+    command = (f"FLASH_ATTN_CUDA_ARCHS={archs} " if archs else "") + doc.get("command", "")
+    out = [_source_line(doc, path, project), "", "```bash", command, "```", ""]
     if doc.get("error"):
         return out + [f"The build failed: `{doc['error'][:300]}`"]
     s = doc.get("summary", {})
@@ -322,7 +325,9 @@ def _build_section(found, project: Path) -> list[str]:
     hub_load = (f"took **{s['hub']['load_s']:.2f} s** in a fresh process" if "hub" in s else "was not measured")
     out += ["### Time to a working kernel", "",
             f"Building `{doc['variant']}` from source with this project's builder took **{doc['build_s']:.0f} s** on "
-            f"{doc.get('cores')} cores (and needs {toolchain}). Loading the "
+            f"{doc.get('cores')} cores"
+            + (f" for compute capability {archs} only (FLASH_ATTN_CUDA_ARCHS, the card it ran on)" if archs else "")
+            + f" (and needs {toolchain}). Loading the "
             f"published build with `kernels.get_kernel` {hub_load}, plus the download of the variant ({mib:.1f} MiB) "
             "from the Hub; nothing is compiled.", ""]
     if "source" in s and "hub" in s:
