@@ -189,9 +189,7 @@ def summarize(runs: dict[str, list[dict]], build_s: float) -> dict:
 
 
 def _write(doc: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(doc))
+    bench.write_results(out, doc, markdown(doc))
 
 
 def markdown(doc: dict) -> str:

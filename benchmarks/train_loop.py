@@ -261,11 +261,7 @@ def _collect(proc, label: str, attn: str, liger: bool, i: int, n: int, doc: dict
 
 
 def _write(doc: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, out)
-    out.with_suffix(".md").write_text(markdown(doc))
+    bench.write_results(out, doc, markdown(doc))
 
 
 def markdown(doc: dict) -> str:

@@ -403,7 +403,6 @@ class ResultsFile:
             header["command"] = old.get("command", header["command"])
             header["date"] = old.get("date", header["date"])
             header["skipped"] = old.get("skipped", [])
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._write()
 
     def add(self, record: Record) -> None:
@@ -419,10 +418,16 @@ class ResultsFile:
         self._write()
 
     def _write(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.doc, indent=1) + "\n")
-        os.replace(tmp, self.path)  # a reader (or a kill) never sees half a file
-        self.path.with_suffix(".md").write_text(markdown_table(self.doc))
+        write_results(self.path, self.doc, markdown_table(self.doc))
+
+
+def write_results(path: Path, doc: dict, markdown: str) -> None:
+    """Writes a results JSON (atomically: a reader, or a kill, never sees half a file) and its markdown."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+    path.with_suffix(".md").write_text(markdown)
 
 
 # -- implementations -------------------------------------------------------------------------------
