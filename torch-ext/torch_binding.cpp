@@ -210,7 +210,7 @@ void launch_bwd(flash::FlashBwdParams& p, const Tensor& q) {
 #if defined(CUDA_KERNEL)
     DeviceGuard guard(q);
     const size_t bytes = flash::cuda::bwd_workspace_bytes(p);
-    Tensor workspace = new_tensor(q, {static_cast<int64_t>((bytes + 3) / 4)}, ScalarType::Float, /*zero=*/true);
+    Tensor workspace = new_tensor(q, {static_cast<int64_t>((bytes + 3) / 4)}, ScalarType::Float, /*zero=*/false);
     p.workspace = bytes ? static_cast<float*>(data_ptr(workspace)) : nullptr;
     flash::cuda::run_bwd(p, current_cuda_stream(device_index(q)));
 #elif defined(CPU_KERNEL)

@@ -1,17 +1,19 @@
-// Backward attention for the portable CUDA path, without atomics and therefore deterministic in
-// every mode (params.deterministic needs nothing extra):
+// Backward attention for the portable CUDA path:
 //   1. dot_do_o_kernel   Di = rowsum(dO_i * O_i) per (b, h, i), float32 in the workspace.
 //   2. dsinks_kernel     dsink_h = -sum_{b,i} exp(sink_h - lse_i) * Di, one CTA per head, fixed order.
-//   3. dq_kernel         one CTA per (packed query block, KV head, batch) walks the key blocks:
+//   3. the tensor-core kernels (flash_bwd_mma.cuh) for calls without dropout: by default one pass
+//      per key block that also accumulates dQ with float32 atomics; deterministic calls (and SIMT)
+//      take dQ and dK/dV from two kernels without atomics, bit-identical from run to run.
+//   4. otherwise the SIMT kernels:
+//      dq_kernel         one CTA per (packed query block, KV head, batch) walks the key blocks:
 //                        dQ_i = scale * sum_j dS_ij * cap'_ij * K_j.
-//   4. dkdv_kernel       one CTA per (key block, KV head, batch) walks the packed query rows of every
+//      dkdv_kernel       one CTA per (key block, KV head, batch) walks the packed query rows of every
 //                        query head of the KV group, so dK / dV are summed over the group in registers:
 //                        dV_j = sum_i Z_ij P_ij dO_i,  dK_j = scale * sum_i dS_ij * cap'_ij * Q_i.
 // with P_ij = exp(s_ij - lse_i) recomputed from softmax_lse, Z_ij = keep / (1 - p) (dropout),
 // dP_ij = Z_ij * dO_i . V_j, dS_ij = P_ij (dP_ij - Di) and cap' = 1 - tanh^2 the softcap derivative.
-// Query rows are packed over the GQA group as in the forward (flash_fwd.cu). Kernels 3 and 4 are
-// SIMT (fp32 math, every feature); head dims <= 128 without dropout use their tensor-core versions
-// (flash_bwd_mma.cuh) instead, unless FLASH_ATTN_CUDA_SIMT=1.
+// Query rows are packed over the GQA group as in the forward (flash_fwd.cu). FLASH_ATTN_CUDA_SIMT=1
+// forces the SIMT kernels.
 #include "flash_common.cuh"
 #include "flash_api.h"
 
@@ -19,10 +21,10 @@ namespace flash {
 namespace cuda {
 namespace detail {
 
-// The tensor-core backward (flash_bwd_mma.cuh) for head dims <= 128, instantiated per head dim in
-// instantiations/.
+// The tensor-core backward (flash_bwd_mma.cuh), instantiated per head dim in instantiations/;
+// false when it does not cover the call.
 template <typename T, int D>
-void launch_bwd_mma(const BwdArgs& args, cudaStream_t stream);
+bool launch_bwd_mma(const BwdArgs& args, cudaStream_t stream);
 
 namespace {
 
@@ -358,9 +360,7 @@ void launch_bwd(const BwdArgs& args, cudaStream_t stream) {
     dsinks_kernel<<<p.heads_q, 256, 0, stream>>>(args);
     check_launch("dsinks_kernel launch");
   }
-  if constexpr (D <= 128) {
-    if (!args.s.dropout && !env_flag("FLASH_ATTN_CUDA_SIMT")) return launch_bwd_mma<T, D>(args, stream);
-  }
+  if (!env_flag("FLASH_ATTN_CUDA_SIMT") && launch_bwd_mma<T, D>(args, stream)) return;
   if (p.seqlen_q > 0) {
     constexpr size_t smem = dq_smem_bytes<D>();
     set_smem(dq_kernel<T, D>, smem, "cudaFuncSetAttribute(dq_kernel)");
@@ -407,8 +407,10 @@ void validate_bwd(const FlashBwdParams& p) {
 }  // namespace detail
 
 size_t bwd_workspace_bytes(const FlashBwdParams& params) {
-  // Di per (batch, head, query row), padded to max seqlen_q for varlen.
-  return static_cast<size_t>(params.batch) * params.heads_q * params.seqlen_q * sizeof(float);
+  // Di per (batch, head, query row), padded to max seqlen_q for varlen; then the fused backward's
+  // float32 dQ.
+  const size_t dq = detail::bwd_fused_dq(params) ? static_cast<size_t>(detail::dq_accum_floats(params)) : 0;
+  return (static_cast<size_t>(detail::di_floats(params)) + dq) * sizeof(float);
 }
 
 void run_bwd(const FlashBwdParams& params, void* stream) {

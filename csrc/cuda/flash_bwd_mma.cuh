@@ -1,12 +1,15 @@
-// Tensor-core backward (sm80-class mma.sync) for head dims up to 128 without dropout: the same
-// two atomic-free kernels as the SIMT backward (flash_bwd.cu), with every product on mma.m16n8k16
-// and P / dS fed from registers (flash_mma.cuh), so nothing but Q/dO/K/V tiles and per-row scalars
-// goes through shared memory.
-//   dq_mma_kernel    4 warps x 16 packed query rows; per key block: S = Q K^T, dP = dO V^T,
-//                    dS = P (dP - Di) cap' scale, dQ += dS K.
+// Tensor-core backward (sm80-class mma.sync) without dropout, P / dS fed from registers
+// (flash_mma.cuh), so nothing but Q/dO/K/V tiles, dS and per-row scalars goes through shared memory.
 //   dkdv_mma_kernel  4 warps x 16 keys; per block of 32 packed query rows (double-buffered):
 //                    S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q (summed over the KV
-//                    group's heads).
+//                    group's heads). kFusedDq: also dQ += dS K, through dS^T in shared memory and
+//                    float32 atomics into the workspace (FlashAttention-2's backward: S and dP once);
+//                    dq_convert_kernel then writes dq. Default for calls that are not deterministic.
+//   dq_mma_kernel    deterministic calls (head dims <= 128): dQ by its own kernel over key blocks,
+//                    S = Q K^T, dP = dO V^T, dS = P (dP - Di) cap' scale, dQ += dS K, no atomics.
+// Head dims above 128 split dK/dV (and dQ) columns over kDSplit CTAs per key block, each recomputing
+// S^T and dP^T, so the accumulators fit the registers; their shared memory (up to 141 KB at 256)
+// exceeds what sm86/sm89/sm120 offer, where they fall back to the SIMT kernels.
 // As in the forward (flash_fwd_mma.cuh), kPlain instantiations (no softcap, no ALiBi) have no
 // modifier code and compute P = 2^(S scale log2(e) - lse log2(e)), and the mask runs only on tiles
 // some (row, key) pair of which is not visible.
@@ -20,14 +23,17 @@ namespace detail {
 
 template <int D>
 struct BwdMmaTraits {
-  static_assert(D <= 128, "the tensor-core backward covers head dims up to 128");
   static constexpr int kBlockM = 64;                // dq: packed query rows per CTA
   static constexpr int kBlockN = D <= 64 ? 64 : 32; // dq: keys per step
   static constexpr int kKeys = 64;                  // dkdv: keys per CTA
   static constexpr int kRows = 32;                  // dkdv: packed query rows per step
+  static constexpr int kDSplit = D <= 128 ? 1 : 2;  // dkdv: CTAs per key block, each D / kDSplit columns
+  static constexpr int kDAcc = D / kDSplit;
   static constexpr int kPitch = mma_pitch(D);
+  static constexpr int kDsPitch = kRows + 8;        // dS^T tile [kKeys][kDsPitch]
   static constexpr size_t kDqSmem = sizeof(uint16_t) * (2 * kBlockM + 4 * kBlockN) * kPitch;
-  static constexpr size_t kDkdvSmem = sizeof(uint16_t) * (2 * kKeys + 4 * kRows) * kPitch + 8 * sizeof(float) * kRows;
+  static constexpr size_t kDkdvSmem =
+      sizeof(uint16_t) * ((2 * kKeys + 4 * kRows) * kPitch + kKeys * kDsPitch) + 8 * sizeof(float) * kRows;
 };
 
 template <typename T, int D, bool kPlain>
@@ -214,21 +220,24 @@ __global__ void __launch_bounds__(kThreads, 1) dq_mma_kernel(const BwdArgs args)
   }
 }
 
-template <typename T, int D, bool kPlain>
+template <typename T, int D, bool kPlain, bool kFusedDq>
 __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs args) {
   using Tr = BwdMmaTraits<D>;
   constexpr int BK = Tr::kKeys;
   constexpr int BR = Tr::kRows;
   constexpr int kPitch = Tr::kPitch;
-  constexpr int kRT = BR / 8;  // 8-row column tiles of S^T
-  constexpr int kDT = D / 8;
+  constexpr int kDsPitch = Tr::kDsPitch;
+  constexpr int kRT = BR / 8;         // 8-row column tiles of S^T
+  constexpr int kAT = Tr::kDAcc / 8;  // 8-column tiles of this CTA's dK / dV columns
+  static_assert(Tr::kDSplit == 1 || kFusedDq, "split head dims run the fused backward only");
   extern __shared__ __align__(16) uint16_t smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + BK * kPitch;
   T* sQ = sV + BK * kPitch;        // [2][BR][kPitch]
   T* sdO = sQ + 2 * BR * kPitch;   // [2][BR][kPitch]
+  T* sdS = sdO + 2 * BR * kPitch;  // [BK][kDsPitch]: dS^T of the current row block (kFusedDq)
   // Row scalars of the two buffered row blocks, [2][BR] each.
-  float* sLse = reinterpret_cast<float*>(sdO + 2 * BR * kPitch);  // log2 domain when kPlain
+  float* sLse = reinterpret_cast<float*>(sdS + BK * kDsPitch);  // log2 domain when kPlain
   float* sDi = sLse + 2 * BR;
   float* sSlope = sDi + 2 * BR;
   int* sI = reinterpret_cast<int*>(sSlope + 2 * BR);  // query row of each packed row, -1 past the end
@@ -237,7 +246,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
   const ScoreArgs& sa = args.s;
   const int b = blockIdx.z;
   const int hk = blockIdx.y;
-  const int j0 = blockIdx.x * BK;
+  const int j0 = blockIdx.x / Tr::kDSplit * BK;
+  const int d0 = blockIdx.x % Tr::kDSplit * Tr::kDAcc;  // first dK / dV / dQ column of this CTA
   const SeqInfo si = seq_info(p, b);
   const int group = sa.group;
   const int rows = si.sq * group;
@@ -245,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
   const int tid = threadIdx.x;
   const int offset = si.sk - si.sq;
 
-  zero_unused_key_rows<T>(p, si, b, hk, j0, BK);
+  if (d0 == 0) zero_unused_key_rows<T>(p, si, b, hk, j0, BK);
   if (j0 >= si.sk) return;
 
   const T* q = static_cast<const T*>(p.q);
@@ -305,9 +315,9 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
   const int mi = lane >> 3;
   const int rr = lane & 7;
   const float scale_log2 = p.softmax_scale * kLog2e;
-  float dk[kDT][4], dv[kDT][4];
+  float dk[kAT][4], dv[kAT][4];
 #pragma unroll
-  for (int t = 0; t < kDT; ++t) {
+  for (int t = 0; t < kAT; ++t) {
 #pragma unroll
     for (int c = 0; c < 4; ++c) dk[t][c] = dv[t][c] = 0.f;
   }
@@ -315,7 +325,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
   for (int mb = m_begin; mb < m_end; ++mb) {
     const int buf = (mb - m_begin) & 1;
     cp_async_wait_all();
-    __syncthreads();  // block mb visible to all warps; every warp is done with buffer buf^1
+    __syncthreads();  // block mb visible to all warps; every warp is done with buffer buf^1 and sdS
     if (mb + 1 < m_end) {
       load_rows(mb + 1, buf ^ 1);
       cp_async_commit();
@@ -381,27 +391,79 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
         dpt[t][c] = ds;
       }
     }
-    // dV += P^T dO and dK += dS^T Q: A fragments from registers, B = dO / Q through ldmatrix.trans.
+    // P^T and dS^T as A fragments (16 keys x 16 rows per kk), rounded once for every product.
+    uint32_t ap[BR / 16][4], as[BR / 16][4];
 #pragma unroll
     for (int kk = 0; kk < BR / 16; ++kk) {
-      uint32_t ap[4], as[4];
-      ap[0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
-      ap[1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
-      ap[2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-      ap[3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-      as[0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
-      as[1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
-      as[2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-      as[3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+      ap[kk][0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
+      ap[kk][1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
+      ap[kk][2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+      ap[kk][3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+      as[kk][0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
+      as[kk][1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
+      as[kk][2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+      as[kk][3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+    }
+    if constexpr (kFusedDq) {
+      // dS^T of this warp's 16 keys to shared memory (row = key), for dQ = dS K below: a1/a3 are
+      // key rows g + 8, columns (query rows) 16kk + 2tq (a0, a1) and + 8 (a2, a3).
 #pragma unroll
-      for (int t2 = 0; t2 < kDT / 2; ++t2) {
+      for (int kk = 0; kk < BR / 16; ++kk) {
+        T* base = sdS + (warp * 16 + g) * kDsPitch + kk * 16 + tq * 2;
+        *reinterpret_cast<uint32_t*>(base) = as[kk][0];
+        *reinterpret_cast<uint32_t*>(base + 8 * kDsPitch) = as[kk][1];
+        *reinterpret_cast<uint32_t*>(base + 8) = as[kk][2];
+        *reinterpret_cast<uint32_t*>(base + 8 * kDsPitch + 8) = as[kk][3];
+      }
+    }
+    // dV += P^T dO and dK += dS^T Q over this CTA's columns: B = dO / Q through ldmatrix.trans.
+#pragma unroll
+    for (int kk = 0; kk < BR / 16; ++kk) {
+#pragma unroll
+      for (int t2 = 0; t2 < kAT / 2; ++t2) {
         uint32_t bo[4], bq[4];
-        ldmatrix_x4_trans(bo, cdO + (kk * 16 + rr + (mi & 1) * 8) * kPitch + t2 * 16 + (mi >> 1) * 8);
-        ldmatrix_x4_trans(bq, cQ + (kk * 16 + rr + (mi & 1) * 8) * kPitch + t2 * 16 + (mi >> 1) * 8);
-        mma_16816<T>(dv[2 * t2], ap, bo[0], bo[1]);
-        mma_16816<T>(dv[2 * t2 + 1], ap, bo[2], bo[3]);
-        mma_16816<T>(dk[2 * t2], as, bq[0], bq[1]);
-        mma_16816<T>(dk[2 * t2 + 1], as, bq[2], bq[3]);
+        ldmatrix_x4_trans(bo, cdO + (kk * 16 + rr + (mi & 1) * 8) * kPitch + d0 + t2 * 16 + (mi >> 1) * 8);
+        ldmatrix_x4_trans(bq, cQ + (kk * 16 + rr + (mi & 1) * 8) * kPitch + d0 + t2 * 16 + (mi >> 1) * 8);
+        mma_16816<T>(dv[2 * t2], ap[kk], bo[0], bo[1]);
+        mma_16816<T>(dv[2 * t2 + 1], ap[kk], bo[2], bo[3]);
+        mma_16816<T>(dk[2 * t2], as[kk], bq[0], bq[1]);
+        mma_16816<T>(dk[2 * t2 + 1], as[kk], bq[2], bq[3]);
+      }
+    }
+    if constexpr (kFusedDq) {
+      __syncthreads();  // dS^T of every warp visible
+      // dQ (BR rows x this CTA's columns) += dS (BR x BK) K (BK x D): warp w takes rows 16 (w & 1)..
+      // and half of the 16-column chunks, then adds its tile to the float32 accumulator.
+      constexpr int kChunks = kAT / 2;
+      constexpr int kQC = (kChunks + 1) / 2;  // chunks per warp (the second half may be one short)
+      const int wr = (warp & 1) * 16;
+      const int c0 = (warp >> 1) * kQC;
+      float dq[2 * kQC][4];
+#pragma unroll
+      for (int t = 0; t < 2 * kQC; ++t) dq[t][0] = dq[t][1] = dq[t][2] = dq[t][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        uint32_t a[4];  // dS rows wr.., keys 16kk..: the transposed 8x8 blocks of sdS
+        ldmatrix_x4_trans(a, sdS + (kk * 16 + rr + (mi >> 1) * 8) * kDsPitch + wr + (mi & 1) * 8);
+#pragma unroll
+        for (int t2 = 0; t2 < kQC; ++t2) {
+          if (c0 + t2 >= kChunks) break;
+          uint32_t bk[4];
+          ldmatrix_x4_trans(bk, sK + (kk * 16 + rr + (mi & 1) * 8) * kPitch + d0 + (c0 + t2) * 16 + (mi >> 1) * 8);
+          mma_16816<T>(dq[2 * t2], a, bk[0], bk[1]);
+          mma_16816<T>(dq[2 * t2 + 1], a, bk[2], bk[3]);
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int r = r0 + wr + g + 8 * e;
+        if (r >= rows) continue;
+        float* acc = dq_accum_row(p, si, b, r / group, hk * group + r % group);
+#pragma unroll
+        for (int t = 0; t < 2 * kQC; ++t) {
+          const int d = d0 + (c0 + t / 2) * 16 + (t & 1) * 8 + tq * 2;
+          if (c0 + t / 2 < kChunks && d < p.head_dim) atomic_add2(acc + d, dq[t][2 * e], dq[t][2 * e + 1]);
+        }
       }
     }
   }
@@ -414,8 +476,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
     T* dkp = static_cast<T*>(p.dk) + kv_offset(p, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, si, b, j, hk);
     T* dvp = static_cast<T*>(p.dv) + kv_offset(p, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, si, b, j, hk);
 #pragma unroll
-    for (int t = 0; t < kDT; ++t) {
-      const int d = t * 8 + tq * 2;
+    for (int t = 0; t < kAT; ++t) {
+      const int d = d0 + t * 8 + tq * 2;
       if (d < p.head_dim) {
         *reinterpret_cast<uint32_t*>(dkp + d) = pack2<T>(dk[t][2 * e], dk[t][2 * e + 1]);
         *reinterpret_cast<uint32_t*>(dvp + d) = pack2<T>(dv[t][2 * e], dv[t][2 * e + 1]);
@@ -424,33 +486,78 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
   }
 }
 
-// Launches both tensor-core backward kernels for one (dtype, head-dim bucket <= 128), the plain
-// instantiation unless the call has softcap or ALiBi. Explicitly instantiated once per head dim
-// (instantiations/flash_bwd_mma_hdim*.cu).
-template <typename T, int D, bool kPlain>
-void launch_bwd_mma_config(const BwdArgs& args, cudaStream_t stream) {
-  using Tr = BwdMmaTraits<D>;
+// dq = the float32 accumulator of the fused backward, one warp per (query row, head).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dq_convert_kernel(const BwdArgs args) {
   const FlashBwdParams& p = args.p;
-  if (p.seqlen_q > 0) {
-    auto kernel = dq_mma_kernel<T, D, kPlain>;
-    set_smem(kernel, Tr::kDqSmem, "cudaFuncSetAttribute(dq_mma_kernel)");
-    const dim3 grid(ceil_div(p.seqlen_q * args.s.group, Tr::kBlockM), p.heads_kv, p.batch);
-    kernel<<<grid, kThreads, Tr::kDqSmem, stream>>>(args);
-    check_launch("dq_mma_kernel launch");
-  }
-  if (p.seqlen_k > 0) {
-    auto kernel = dkdv_mma_kernel<T, D, kPlain>;
-    set_smem(kernel, Tr::kDkdvSmem, "cudaFuncSetAttribute(dkdv_mma_kernel)");
-    const dim3 grid(ceil_div(p.seqlen_k, Tr::kKeys), p.heads_kv, p.batch);
-    kernel<<<grid, kThreads, Tr::kDkdvSmem, stream>>>(args);
-    check_launch("dkdv_mma_kernel launch");
+  const int b = blockIdx.z;
+  const int h = blockIdx.y;
+  const int i = blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
+  const SeqInfo si = seq_info(p, b);
+  if (i >= si.sq) return;
+  const float* acc = dq_accum_row(p, si, b, i, h);
+  T* dq = static_cast<T*>(p.dq) +
+          q_offset(p.cu_seqlens_q != nullptr, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, si, b, i, h);
+  for (int d = 2 * (threadIdx.x % 32); d < p.head_dim; d += 64) {
+    const float2 x = *reinterpret_cast<const float2*>(acc + d);
+    *reinterpret_cast<uint32_t*>(dq + d) = pack2<T>(x.x, x.y);
   }
 }
 
+// Launches the tensor-core backward of one (dtype, head-dim bucket): the fused kernel and the dQ
+// conversion, or (deterministic, head dims <= 128) the dQ and the dK/dV kernels.
+template <typename T, int D, bool kPlain>
+void launch_bwd_mma_config(const BwdArgs& args, bool fused, cudaStream_t stream) {
+  using Tr = BwdMmaTraits<D>;
+  const FlashBwdParams& p = args.p;
+  const dim3 kv_grid(ceil_div(p.seqlen_k, Tr::kKeys) * Tr::kDSplit, p.heads_kv, p.batch);
+  if constexpr (Tr::kDSplit == 1) {
+    if (!fused) {
+      if (p.seqlen_q > 0) {
+        auto kernel = dq_mma_kernel<T, D, kPlain>;
+        set_smem(kernel, Tr::kDqSmem, "cudaFuncSetAttribute(dq_mma_kernel)");
+        const dim3 grid(ceil_div(p.seqlen_q * args.s.group, Tr::kBlockM), p.heads_kv, p.batch);
+        kernel<<<grid, kThreads, Tr::kDqSmem, stream>>>(args);
+        check_launch("dq_mma_kernel launch");
+      }
+      if (p.seqlen_k > 0) {
+        auto kernel = dkdv_mma_kernel<T, D, kPlain, false>;
+        set_smem(kernel, Tr::kDkdvSmem, "cudaFuncSetAttribute(dkdv_mma_kernel)");
+        kernel<<<kv_grid, kThreads, Tr::kDkdvSmem, stream>>>(args);
+        check_launch("dkdv_mma_kernel launch");
+      }
+      return;
+    }
+  }
+  check_cuda(cudaMemsetAsync(dq_accum(p), 0, dq_accum_floats(p) * sizeof(float), stream), "cudaMemsetAsync(dq_accum)");
+  if (p.seqlen_k > 0) {
+    auto kernel = dkdv_mma_kernel<T, D, kPlain, true>;
+    set_smem(kernel, Tr::kDkdvSmem, "cudaFuncSetAttribute(dkdv_mma_kernel)");
+    kernel<<<kv_grid, kThreads, Tr::kDkdvSmem, stream>>>(args);
+    check_launch("dkdv_mma_kernel launch");
+  }
+  if (p.seqlen_q > 0) {
+    const dim3 grid(ceil_div(p.seqlen_q, kThreads / 32), p.heads_q, p.batch);
+    dq_convert_kernel<T><<<grid, kThreads, 0, stream>>>(args);
+    check_launch("dq_convert_kernel launch");
+  }
+}
+
+// The tensor-core backward when it covers the call (no dropout; head dims above 128 only fused and
+// where the device has the shared memory); returns false otherwise, leaving the call to the SIMT
+// kernels. Explicitly instantiated once per head dim (instantiations/flash_bwd_mma_hdim*.cu).
 template <typename T, int D>
-void launch_bwd_mma(const BwdArgs& args, cudaStream_t stream) {
-  if (args.s.softcap == 0.f && args.p.alibi_slopes == nullptr) return launch_bwd_mma_config<T, D, true>(args, stream);
-  launch_bwd_mma_config<T, D, false>(args, stream);
+bool launch_bwd_mma(const BwdArgs& args, cudaStream_t stream) {
+  using Tr = BwdMmaTraits<D>;
+  if (args.s.dropout) return false;
+  const bool fused = bwd_fused_dq(args.p);
+  if (Tr::kDSplit > 1 && (!fused || max_smem_optin() < Tr::kDkdvSmem)) return false;
+  if (args.s.softcap == 0.f && args.p.alibi_slopes == nullptr) {
+    launch_bwd_mma_config<T, D, true>(args, fused, stream);
+  } else {
+    launch_bwd_mma_config<T, D, false>(args, fused, stream);
+  }
+  return true;
 }
 
 }  // namespace detail

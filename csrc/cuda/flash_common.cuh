@@ -126,6 +126,15 @@ __device__ __forceinline__ int64_t kv_offset(const FlashFwdParams& p, int64_t ba
   return static_cast<int64_t>(s.kv_batch) * batch_stride + pos * row_stride + hk * head_stride;
 }
 
+// Offset of keys j0 .. j0 + count - 1 of head hk when they are row_stride apart (not paged, or
+// inside one page), else -1: tile loads then compute one address per tile instead of one per row.
+__device__ __forceinline__ int64_t kv_tile_offset(const FlashFwdParams& p, int64_t batch_stride, int64_t row_stride,
+                                                  int64_t head_stride, const SeqInfo& s, int b, int j0, int count,
+                                                  int hk) {
+  if (p.block_table != nullptr && (j0 + s.k_first) % p.page_size + count > p.page_size) return -1;
+  return kv_offset(p, batch_stride, row_stride, head_stride, s, b, j0, hk);
+}
+
 // Offset of row i, head h in softmax_lse: (batch, heads_q, seqlen_q), varlen (heads_q, total_q).
 __device__ __forceinline__ int64_t lse_offset(const FlashFwdParams& p, const SeqInfo& s, int b, int i, int h) {
   if (p.cu_seqlens_q != nullptr) return static_cast<int64_t>(h) * p.cu_seqlens_q[p.batch] + s.q_row0 + i;
@@ -152,6 +161,12 @@ struct FwdArgs {
   int num_splits;
 };
 
+// CTAs of one split of a forward call and how many CTAs of its kernel one SM holds.
+struct FwdOccupancy {
+  int64_t ctas;
+  int per_sm;
+};
+
 // What a backward kernel receives.
 struct BwdArgs {
   FlashBwdParams p;
@@ -161,6 +176,21 @@ struct BwdArgs {
 // Offset of (b, h, i) in the backward's Di workspace, laid out (batch, heads_q, seqlen_q) also for varlen.
 __device__ __forceinline__ int64_t di_offset(const FlashFwdParams& p, int b, int h, int i) {
   return (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + i;
+}
+
+// float32 dQ accumulator of the fused backward (flash_bwd_mma.cuh), after Di in the workspace:
+// (q row, head, head_dim) with q row = b * seqlen_q + i, or the varlen row. run_bwd zeroes it.
+__host__ __device__ inline int64_t di_floats(const FlashBwdParams& p) {
+  return (static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q + 3) / 4 * 4;  // keeps dQ 16-byte aligned
+}
+__host__ __device__ inline float* dq_accum(const FlashBwdParams& p) { return p.workspace + di_floats(p); }
+__host__ __device__ inline int64_t dq_accum_floats(const FlashBwdParams& p) {
+  const int64_t q_rows = p.cu_seqlens_q != nullptr ? p.total_q : static_cast<int64_t>(p.batch) * p.seqlen_q;
+  return q_rows * p.heads_q * p.head_dim;
+}
+__device__ __forceinline__ float* dq_accum_row(const FlashBwdParams& p, const SeqInfo& si, int b, int i, int h) {
+  const int64_t row = p.cu_seqlens_q != nullptr ? si.q_row0 + i : static_cast<int64_t>(b) * p.seqlen_q + i;
+  return dq_accum(p) + (row * p.heads_q + h) * p.head_dim;
 }
 
 // Query row i of a sequence with sq rows sees key j of sk keys (flash_params.h, bottom-right).
@@ -284,6 +314,19 @@ inline void set_smem(Kernel kernel, size_t bytes, const char* name) {
 inline bool env_flag(const char* name) {
   const char* value = std::getenv(name);
   return value != nullptr && value[0] == '1';
+}
+
+// The backward accumulates dQ in float32 with atomics (one pass over S and dP) unless the call
+// asks for determinism; dropout runs on the SIMT kernels.
+inline bool bwd_fused_dq(const FlashBwdParams& p) { return !p.deterministic && p.dropout_p == 0.f; }
+
+// Largest dynamic shared memory a block of the current device can opt into.
+inline size_t max_smem_optin() {
+  int device = 0, bytes = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  return static_cast<size_t>(bytes);
 }
 
 inline bool aligned16(const void* ptr) { return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }

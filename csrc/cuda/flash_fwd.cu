@@ -23,6 +23,8 @@ namespace detail {
 // The tensor-core forward (flash_fwd_mma.cuh), instantiated per head dim in instantiations/.
 template <typename T, int D>
 void launch_fwd_mma(const FwdArgs& args, cudaStream_t stream);
+template <typename T, int D>
+FwdOccupancy fwd_mma_occupancy(const FwdArgs& args);
 
 namespace {
 
@@ -263,17 +265,26 @@ int device_sm_count() {
   return sms;
 }
 
-// Split count that fills the device best: the smallest count whose wave efficiency (CTAs over
-// whole waves) is within 85% of the best, skipping counts that do not shorten the longest split.
+// Split count that fills the device best. Splits pay off where the CTAs of one split leave the
+// SMs' slots (SMs x CTAs per SM) under two waves: the smallest count whose wave efficiency (CTAs
+// over whole waves) is within 90% of the best, skipping counts that do not shorten the longest split.
 int split_heuristic(const FlashFwdParams& p) {
   const int group = p.heads_q / p.heads_kv;
-  const int64_t ctas = static_cast<int64_t>(ceil_div(p.seqlen_q * group, kBlockM)) * p.heads_kv * p.batch;
+  FwdOccupancy occ{static_cast<int64_t>(ceil_div(p.seqlen_q * group, kBlockM)) * p.heads_kv * p.batch, 1};
+  if (!env_flag("FLASH_ATTN_CUDA_SIMT")) {
+    const FwdArgs args{p, make_score_args(p), 1};
+    dispatch_dtype(p.dtype, [&](auto t) {
+      using T = decltype(t);
+      dispatch_head_dim(p.head_dim, [&](auto d) { occ = fwd_mma_occupancy<T, decltype(d)::value>(args); });
+    });
+  }
   const int n_blocks = ceil_div(p.seqlen_k, kBlockN);
   const int sms = device_sm_count();
-  if (ctas == 0 || n_blocks <= 1 || ctas >= static_cast<int64_t>(0.8 * sms)) return 1;
+  const int64_t slots = static_cast<int64_t>(sms) * occ.per_sm;
+  if (occ.ctas == 0 || n_blocks <= 1 || occ.ctas >= 2 * slots) return 1;
   const int max_splits = std::min({kMaxSplits, sms, n_blocks});
   auto efficiency = [&](int s) {
-    const double waves = static_cast<double>(ctas * s) / sms;
+    const double waves = static_cast<double>(occ.ctas * s) / slots;
     return waves / std::ceil(waves);
   };
   auto useful = [&](int s) { return s == 1 || ceil_div(n_blocks, s) != ceil_div(n_blocks, s - 1); };
@@ -282,7 +293,7 @@ int split_heuristic(const FlashFwdParams& p) {
     if (useful(s)) best = std::max(best, efficiency(s));
   }
   for (int s = 1; s <= max_splits; ++s) {
-    if (useful(s) && efficiency(s) >= 0.85 * best) return s;
+    if (useful(s) && efficiency(s) >= 0.9 * best) return s;
   }
   return 1;
 }

@@ -4,8 +4,8 @@
 // memory with cp.async, S = Q K^T and O += P V use mma.sync.m16n8k16 (bf16/fp16 in, fp32
 // accumulate) with ldmatrix fragment loads, and P stays in registers between the two products.
 //
-// The softmax runs in the log2 domain (x = score * log2(e), p = 2^(x - m)): one FFMA-class op and
-// one ex2 per element. Masks (causal, window, sequence end) and score modifiers (softcap, ALiBi)
+// The softmax runs in the log2 domain (x = score * log2(e), p = 2^(x - m)): one FFMA and one ex2
+// per element, and the O rescale only when a row max of the warp moved. Masks (causal, window, sequence end) and score modifiers (softcap, ALiBi)
 // cost per element, so they run only where needed: tiles every row sees entirely skip the mask,
 // and kPlain instantiations (no softcap, ALiBi or dropout: the common case) have no code for them,
 // which also frees the registers that let a warp own two m-tiles.
@@ -18,14 +18,21 @@ namespace flash {
 namespace cuda {
 namespace detail {
 
-// Tile shape: BM = 16 * kMT * kWarps query rows, BN keys.
-template <int D, int kWarps, int kMT, int BN>
+// Tile shape: BM = 16 * kMT * kWarps query rows, BN keys; with kKeyWarps (decode-like calls of at
+// most 16 packed rows) BM = 16 rows shared by all warps, each warp taking BN / kWarps keys of every
+// tile, merged through shared memory at the end.
+template <int D, int kWarps, int kMT, int BN, bool kKeyWarps = false>
 struct FwdMmaConfig {
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockM = 16 * kMT * kWarps;
+  static constexpr int kBlockM = kKeyWarps ? 16 : 16 * kMT * kWarps;
   static constexpr int kBlockN = BN;
+  static constexpr int kWarpKeys = kKeyWarps ? BN / kWarps : BN;  // keys of a tile one warp computes
   static constexpr int kPitch = mma_pitch(D);
+  static constexpr int kMergePitch = D + 8;  // floats per row of a warp's partial O in the merge
   static constexpr size_t kSmemBytes = sizeof(uint16_t) * (kBlockM + 4 * kBlockN) * kPitch;
+  static_assert(!kKeyWarps || (kMT == 1 && kWarpKeys % 16 == 0), "key warps: one m-tile, 16-key steps");
+  static_assert(!kKeyWarps || sizeof(float) * kWarps * 16 * (kMergePitch + 2) <= kSmemBytes,
+                "the merge reuses the tiles' shared memory");
 };
 
 // Query row i and query head h of packed row r of KV head hk.
@@ -34,13 +41,14 @@ struct PackedRow {
   __device__ __forceinline__ PackedRow(int r, int hk, int group) : i(r / group), h(hk * group + r % group) {}
 };
 
-template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain>
+template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain, bool kKeyWarps = false>
 __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs args) {
-  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN>;
+  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN, kKeyWarps>;
+  static_assert(!kKeyWarps || kPlain, "key warps: plain calls only");
   constexpr int NT = Cfg::kThreads;
   constexpr int BM = Cfg::kBlockM;
   constexpr int kPitch = Cfg::kPitch;
-  constexpr int kNT = BN / 8;      // 8-key column tiles of S
+  constexpr int kNT = Cfg::kWarpKeys / 8;  // 8-key column tiles of S per warp
   constexpr int kDT = D / 8;       // 8-column tiles of O
   constexpr int kRows = 2 * kMT;   // query rows per thread: row 2*mt + e is fragment half e of m-tile mt
   extern __shared__ __align__(16) uint16_t smem_raw[];
@@ -81,7 +89,8 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
   const int lane = tid % 32;
   const int g = lane >> 2;
   const int tq = lane & 3;
-  const int warp_row0 = warp * 16 * kMT;  // first tile row of this warp
+  const int warp_row0 = kKeyWarps ? 0 : warp * 16 * kMT;  // first tile row of this warp
+  const int kw = kKeyWarps ? warp * Cfg::kWarpKeys : 0;   // first key of a tile this warp computes
   // Packed row of this thread's row e (C-fragment half e & 1 of m-tile e >> 1); rows past `rows`
   // read zero Q, compute harmless values and are never stored.
   auto packed_row = [&](int e) { return r0 + warp_row0 + (e >> 1) * 16 + g + 8 * (e & 1); };
@@ -94,9 +103,10 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
   }
 
   auto k_rows = [&](const T* base, int64_t bs, int64_t rst, int64_t hs, int j0) {
+    const int64_t tile = kv_tile_offset(p, bs, rst, hs, si, b, j0, BN, hk);
     return [=, &si, &p](int rr) -> const T* {
       if (j0 + rr >= si.sk) return nullptr;
-      return base + kv_offset(p, bs, rst, hs, si, b, j0 + rr, hk);
+      return base + (tile >= 0 ? tile + rr * rst : kv_offset(p, bs, rst, hs, si, b, j0 + rr, hk));
     };
   };
   auto load_kv = [&](int n, int buf) {
@@ -159,7 +169,7 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
 #pragma unroll
       for (int t2 = 0; t2 < kNT / 2; ++t2) {
         uint32_t bk[4];
-        ldmatrix_x4(bk, cK + (t2 * 16 + rr + (mi >> 1) * 8) * kPitch + kk * 16 + (mi & 1) * 8);
+        ldmatrix_x4(bk, cK + (kw + t2 * 16 + rr + (mi >> 1) * 8) * kPitch + kk * 16 + (mi & 1) * 8);
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
           mma_16816<T>(s[mt][2 * t2], a[mt], bk[0], bk[1]);
@@ -168,7 +178,9 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
       }
     }
 
-    // Scores to the log2 domain; masked entries -inf. c0,c1 belong to row 2mt, c2,c3 to row 2mt+1.
+    // Masked entries -inf. The general instantiation takes scores to the log2 domain here; the plain
+    // one folds scale * log2(e) into the exponent below (its scale is positive, so the row max of
+    // the raw scores is the max of the scaled ones). c0,c1 belong to row 2mt, c2,c3 to row 2mt+1.
     // The tile needs the mask unless every row of the CTA sees every key of it.
     const bool need_mask = j0 + BN > si.sk ||
                            (sa.window_right >= 0 && j0 + BN - 1 > i_lo + offset + sa.window_right) ||
@@ -183,30 +195,24 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
         for (int t = 0; t < kNT; ++t)
 #pragma unroll
           for (int c = hc; c < hc + 2; ++c) {
-            const int j = j0 + t * 8 + tq * 2 + (c & 1);
+            const int j = j0 + kw + t * 8 + tq * 2 + (c & 1);
             if (!need_mask || (r < rows && visible(sa, i, j, si.sq, si.sk))) {
               if (!kPlain) {
                 float dcap;
                 s[mt][t][c] = modify_score(sa, s[mt][t][c] * p.softmax_scale, slope[e], i, j, si.sq, si.sk, dcap) * kLog2e;
-              } else {
-                s[mt][t][c] *= scale_log2;
               }
             } else {
               s[mt][t][c] = neg_inf();
             }
           }
       }
-    } else {
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-        for (int t = 0; t < kNT; ++t)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) s[mt][t][c] *= scale_log2;
     }
+    const float sc = kPlain ? scale_log2 : 1.f;  // what takes s to the log2 domain
 
-    // Online softmax per row.
+    // Online softmax per row. O and l are rescaled only when a row max of the warp moved: after
+    // the first tiles that is rare, and skipping a multiplication by 1 changes nothing.
     float corr[kRows], m_use[kRows];
+    bool moved = false;
 #pragma unroll
     for (int e = 0; e < kRows; ++e) {
       float tile_max = neg_inf();
@@ -214,9 +220,10 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
       for (int t = 0; t < kNT; ++t) {
         tile_max = fmaxf(tile_max, fmaxf(s[e >> 1][t][2 * (e & 1)], s[e >> 1][t][2 * (e & 1) + 1]));
       }
-      const float m_new = fmaxf(m[e], quad_max(tile_max));
+      const float m_new = fmaxf(m[e], quad_max(tile_max) * sc);
       m_use[e] = m_new == neg_inf() ? 0.f : m_new;  // no key seen yet: avoid inf - inf
-      corr[e] = fast_exp2(m[e] - m_use[e]);
+      corr[e] = m_new == m[e] ? 1.f : fast_exp2(m[e] - m_use[e]);
+      moved |= m_new != m[e];
       m[e] = m_new;
       l[e] *= corr[e];
     }
@@ -227,7 +234,7 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int e = 2 * mt + (c >> 1);
-          s[mt][t][c] = fast_exp2(s[mt][t][c] - m_use[e]);
+          s[mt][t][c] = fast_exp2(fmaf(s[mt][t][c], sc, -m_use[e]));
           l[e] += s[mt][t][c];
         }
     if (!kPlain && sa.dropout) {
@@ -248,19 +255,21 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
             s[mt][t][2 * h + 1] = w1 >= sa.drop_threshold ? s[mt][t][2 * h + 1] * sa.drop_scale : 0.f;
           }
     }
+    if (__any_sync(0xFFFFFFFFu, moved)) {
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
+      for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int t = 0; t < kDT; ++t) {
-        o[mt][t][0] *= corr[2 * mt];
-        o[mt][t][1] *= corr[2 * mt];
-        o[mt][t][2] *= corr[2 * mt + 1];
-        o[mt][t][3] *= corr[2 * mt + 1];
-      }
+        for (int t = 0; t < kDT; ++t) {
+          o[mt][t][0] *= corr[2 * mt];
+          o[mt][t][1] *= corr[2 * mt];
+          o[mt][t][2] *= corr[2 * mt + 1];
+          o[mt][t][3] *= corr[2 * mt + 1];
+        }
+    }
 
     // O += P V: the S accumulators of column tiles 2kk, 2kk+1 are the A fragment of keys kk*16..+15.
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
+    for (int kk = 0; kk < Cfg::kWarpKeys / 16; ++kk) {
       uint32_t a[kMT][4];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
@@ -272,7 +281,7 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
 #pragma unroll
       for (int t2 = 0; t2 < kDT / 2; ++t2) {
         uint32_t bv[4];
-        ldmatrix_x4_trans(bv, cV + (kk * 16 + rr + (mi & 1) * 8) * kPitch + t2 * 16 + (mi >> 1) * 8);
+        ldmatrix_x4_trans(bv, cV + (kw + kk * 16 + rr + (mi & 1) * 8) * kPitch + t2 * 16 + (mi >> 1) * 8);
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
           mma_16816<T>(o[mt][2 * t2], a[mt], bv[0], bv[1]);
@@ -284,6 +293,58 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
 
 #pragma unroll
   for (int e = 0; e < kRows; ++e) l[e] = quad_sum(l[e]);
+
+  if constexpr (kKeyWarps) {
+    // Merge the warps' partial (m, l, O) of the same 16 rows; warp 0 then writes the result.
+    constexpr int kMP = Cfg::kMergePitch;
+    float* s_m = reinterpret_cast<float*>(smem_raw);  // [kWarps][16]
+    float* s_l = s_m + kWarps * 16;                   // [kWarps][16]
+    float* s_o = s_l + kWarps * 16;                   // [kWarps][16][kMP]
+    __syncthreads();  // every warp is done with the K/V tiles
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int row = warp * 16 + g + 8 * e;
+      if (tq == 0) {
+        s_m[row] = m[e];
+        s_l[row] = l[e];
+      }
+#pragma unroll
+      for (int t = 0; t < kDT; ++t) {
+        *reinterpret_cast<float2*>(s_o + row * kMP + t * 8 + tq * 2) = make_float2(o[0][t][2 * e], o[0][t][2 * e + 1]);
+      }
+    }
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int row = g + 8 * e;
+      float mx = neg_inf();
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, s_m[w * 16 + row]);
+      const float mx_use = mx == neg_inf() ? 0.f : mx;
+      float f[kWarps];
+      float total = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        f[w] = fast_exp2(s_m[w * 16 + row] - mx_use);
+        total += s_l[w * 16 + row] * f[w];
+      }
+#pragma unroll
+      for (int t = 0; t < kDT; ++t) {
+        float2 acc = make_float2(0.f, 0.f);
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+          const float2 x = *reinterpret_cast<const float2*>(s_o + (w * 16 + row) * kMP + t * 8 + tq * 2);
+          acc.x = fmaf(x.x, f[w], acc.x);
+          acc.y = fmaf(x.y, f[w], acc.y);
+        }
+        o[0][t][2 * e] = acc.x;
+        o[0][t][2 * e + 1] = acc.y;
+      }
+      m[e] = mx;
+      l[e] = total;
+    }
+  }
 
   // Back to natural units: max m2 (log2 domain) is m2 * ln2; lse = (m2 + log2(l)) * ln2.
 #pragma unroll
@@ -331,10 +392,10 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
   }
 }
 
-template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain>
+template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain, bool kKeyWarps = false>
 void launch_fwd_mma_config(const FwdArgs& args, cudaStream_t stream) {
-  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN>;
-  auto kernel = fwd_mma_kernel<T, D, kWarps, kMT, BN, kPlain>;
+  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN, kKeyWarps>;
+  auto kernel = fwd_mma_kernel<T, D, kWarps, kMT, BN, kPlain, kKeyWarps>;
   set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute(fwd_mma_kernel)");
   const FlashFwdParams& p = args.p;
   const dim3 grid(ceil_div(p.seqlen_q * args.s.group, Cfg::kBlockM), p.heads_kv * args.num_splits, p.batch);
@@ -342,20 +403,53 @@ void launch_fwd_mma_config(const FwdArgs& args, cudaStream_t stream) {
   check_launch("fwd_mma_kernel launch");
 }
 
-// The tensor-core forward of one (dtype, head-dim bucket): the general instantiation when a call
-// has softcap, ALiBi or dropout, else the plain one with two m-tiles per warp where the rows fill
-// them and the registers allow (D <= 128). Explicitly instantiated once per head dim (flash_fwd_mma_hdim*.cu), so the
-// head dims compile in parallel and no translation unit compiles them twice.
-template <typename T, int D>
-void launch_fwd_mma(const FwdArgs& args, cudaStream_t stream) {
+// CTAs of one split of a call and how many CTAs of its kernel an SM holds (for the split heuristic).
+template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain, bool kKeyWarps = false>
+FwdOccupancy fwd_mma_config_occupancy(const FwdArgs& args) {
+  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN, kKeyWarps>;
+  auto kernel = fwd_mma_kernel<T, D, kWarps, kMT, BN, kPlain, kKeyWarps>;
+  set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute(fwd_mma_kernel)");
+  int per_sm = 0;
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::kThreads, Cfg::kSmemBytes),
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor(fwd_mma_kernel)");
+  const FlashFwdParams& p = args.p;
+  const int64_t ctas = static_cast<int64_t>(ceil_div(p.seqlen_q * args.s.group, Cfg::kBlockM)) * p.heads_kv * p.batch;
+  return {ctas, std::max(per_sm, 1)};
+}
+
+// The tensor-core forward of one (dtype, head-dim bucket) calls f with the launch and occupancy
+// functions of its kernel: the general instantiation when a call has softcap, ALiBi, dropout or a
+// softmax scale <= 0, else the plain one (D <= 128: warps over keys for at most 16 packed rows, as
+// in decode; two m-tiles per warp for more than 64).
+template <typename T, int D, typename F>
+auto with_fwd_mma_kernel(const FwdArgs& args, F&& f) {
   // Keys per tile: fewer for large D so that the double-buffered K and V fit the 99 KB of
   // sm86/sm89 next to Q.
   constexpr int BN = D <= 128 ? 64 : 32;
-  const bool plain = args.s.softcap == 0.f && args.p.alibi_slopes == nullptr && !args.s.dropout;
-  if (!plain) return launch_fwd_mma_config<T, D, 4, 1, BN, false>(args, stream);
-  constexpr int kMT = D <= 128 ? 2 : 1;
-  if (kMT > 1 && args.p.seqlen_q * args.s.group > 64) return launch_fwd_mma_config<T, D, 4, kMT, BN, true>(args, stream);
-  return launch_fwd_mma_config<T, D, 4, 1, BN, true>(args, stream);
+  const bool plain =
+      args.s.softcap == 0.f && args.p.alibi_slopes == nullptr && !args.s.dropout && args.p.softmax_scale > 0.f;
+  if (!plain) {
+    return f(launch_fwd_mma_config<T, D, 4, 1, BN, false>, fwd_mma_config_occupancy<T, D, 4, 1, BN, false>);
+  }
+  const int rows = args.p.seqlen_q * args.s.group;
+  if constexpr (D <= 128) {
+    if (rows <= 16) {
+      return f(launch_fwd_mma_config<T, D, 4, 1, BN, true, true>, fwd_mma_config_occupancy<T, D, 4, 1, BN, true, true>);
+    }
+    if (rows > 64) return f(launch_fwd_mma_config<T, D, 4, 2, BN, true>, fwd_mma_config_occupancy<T, D, 4, 2, BN, true>);
+  }
+  return f(launch_fwd_mma_config<T, D, 4, 1, BN, true>, fwd_mma_config_occupancy<T, D, 4, 1, BN, true>);
+}
+
+// Explicitly instantiated once per head dim (flash_fwd_mma_hdim*.cu), so the head dims compile in
+// parallel and no translation unit compiles them twice.
+template <typename T, int D>
+void launch_fwd_mma(const FwdArgs& args, cudaStream_t stream) {
+  with_fwd_mma_kernel<T, D>(args, [&](auto launch, auto) { launch(args, stream); });
+}
+template <typename T, int D>
+FwdOccupancy fwd_mma_occupancy(const FwdArgs& args) {
+  return with_fwd_mma_kernel<T, D>(args, [&](auto, auto occupancy) { return occupancy(args); });
 }
 
 }  // namespace detail

@@ -81,17 +81,41 @@ __device__ __forceinline__ void mma_16816<__half>(float c[4], const uint32_t a[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Adds (x, y) to addr[0..1] in global memory (8-byte aligned): one vector atomic on sm90+.
+__device__ __forceinline__ void atomic_add2(float* addr, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(addr), make_float2(x, y));
+#else
+  atomicAdd(addr, x);
+  atomicAdd(addr + 1, y);
+#endif
+}
+
 // Issues the cp.async copies of a ROWS x D tile (row pitch mma_pitch(D) elements) with the NT threads
-// of the CTA. Rows whose pointer is null and chunks at or past head_dim are zero-filled.
+// of the CTA. Rows whose pointer is null and chunks at or past head_dim are zero-filled. Where the
+// shapes allow, each thread copies one fixed 16-byte column of every (NT / chunks)-th row in an
+// unrolled loop: one row address and no bounds arithmetic per copy.
 template <typename T, int D, int ROWS, int NT = kThreads, typename RowPtr>
 __device__ __forceinline__ void cp_async_tile(T* tile, RowPtr row_ptr, int head_dim, const T* any_valid) {
   constexpr int kChunks = D / 8;
   constexpr int kPitch = mma_pitch(D);
-  for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += NT) {
-    const int row = idx / kChunks;
-    const int c = idx - row * kChunks;
-    const T* src = c * 8 < head_dim ? row_ptr(row) : nullptr;
-    cp_async16(tile + row * kPitch + c * 8, src != nullptr ? src + c * 8 : any_valid, src != nullptr ? 16 : 0);
+  if constexpr (NT % kChunks == 0 && ROWS % (NT / kChunks) == 0) {
+    constexpr int kRowStep = NT / kChunks;
+    const int c = threadIdx.x % kChunks;
+    const bool column_ok = c * 8 < head_dim;
+#pragma unroll
+    for (int it = 0; it < ROWS / kRowStep; ++it) {
+      const int row = threadIdx.x / kChunks + it * kRowStep;
+      const T* src = column_ok ? row_ptr(row) : nullptr;
+      cp_async16(tile + row * kPitch + c * 8, src != nullptr ? src + c * 8 : any_valid, src != nullptr ? 16 : 0);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += NT) {
+      const int row = idx / kChunks;
+      const int c = idx - row * kChunks;
+      const T* src = c * 8 < head_dim ? row_ptr(row) : nullptr;
+      cp_async16(tile + row * kPitch + c * 8, src != nullptr ? src + c * 8 : any_valid, src != nullptr ? 16 : 0);
+    }
   }
 }
 

@@ -6,6 +6,8 @@ namespace cuda {
 namespace detail {
 template void launch_fwd_mma<__half, 64>(const FwdArgs&, cudaStream_t);
 template void launch_fwd_mma<__nv_bfloat16, 64>(const FwdArgs&, cudaStream_t);
+template FwdOccupancy fwd_mma_occupancy<__half, 64>(const FwdArgs&);
+template FwdOccupancy fwd_mma_occupancy<__nv_bfloat16, 64>(const FwdArgs&);
 }  // namespace detail
 }  // namespace cuda
 }  // namespace flash

@@ -305,6 +305,7 @@ void run_case(const Case& c) {
   const int64_t kb = c.page_size > 0 ? k_row * c.page_size : (c.varlen ? 0 : k_row * h.cap_k);
   p.k_batch_stride = p.v_batch_stride = p.dk_batch_stride = p.dv_batch_stride = kb;
   p.batch = c.batch;
+  p.total_q = h.total_q;
   p.seqlen_q = h.max_sq;
   p.seqlen_k = c.page_size > 0 ? h.max_pages * c.page_size : h.max_sk;
   p.heads_q = c.hq;
@@ -373,10 +374,13 @@ void run_case(const Case& c) {
     report(c, "lse", lse_err, 1e-3);
   }
 
-  // Backward: SIMT kernels, then the tensor-core kernels (head dims <= 128, no dropout).
-  for (int mma = 0; c.bwd && mma < 2; ++mma) {
-    if (mma && (c.d > 128 || c.dropout > 0.f)) break;
-    setenv("FLASH_ATTN_CUDA_SIMT", mma ? "0" : "1", 1);
+  // Backward: SIMT kernels, the deterministic tensor-core kernels (head dims <= 128) and the fused
+  // tensor-core kernel with atomic dQ (the default; no dropout on either tensor-core path).
+  const char* const bwd_modes[] = {"simt", "mma-det", "mma"};
+  for (int mode = 0; c.bwd && mode < 3; ++mode) {
+    if (mode > 0 && c.dropout > 0.f) break;
+    if (mode == 1 && c.d > 128) continue;
+    setenv("FLASH_ATTN_CUDA_SIMT", mode == 0 ? "1" : "0", 1);
     uint16_t* ddq = poisoned(h.q.size());
     uint16_t* ddk = poisoned(h.k.size());
     uint16_t* ddv = poisoned(h.v.size());
@@ -389,17 +393,19 @@ void run_case(const Case& c) {
     bp.dk = ddk;
     bp.dv = ddv;
     bp.dsinks = ddsinks;
+    bp.deterministic = mode == 1;
     const size_t ws = flash::cuda::bwd_workspace_bytes(bp);
     float* dws = nullptr;
     CHECK_CUDA(cudaMalloc(&dws, std::max<size_t>(ws, 4)));
-    CHECK_CUDA(cudaMemset(dws, 0, std::max<size_t>(ws, 4)));
+    CHECK_CUDA(cudaMemset(dws, 0xFF, std::max<size_t>(ws, 4)));  // NaN: run_bwd initializes what it reads
     bp.workspace = dws;
     flash::cuda::run_bwd(bp, nullptr);
     CHECK_CUDA(cudaDeviceSynchronize());
     const double tol_g = 3 * tol_out;
-    report(c, mma ? "dq/mma" : "dq/simt", rel_err(from_device_elems(ddq, h.q.size(), c.dtype), ref.dq), tol_g);
-    report(c, mma ? "dk/mma" : "dk/simt", rel_err(from_device_elems(ddk, h.k.size(), c.dtype), ref.dk), tol_g);
-    report(c, mma ? "dv/mma" : "dv/simt", rel_err(from_device_elems(ddv, h.v.size(), c.dtype), ref.dv), tol_g);
+    const std::string m = bwd_modes[mode];
+    report(c, ("dq/" + m).c_str(), rel_err(from_device_elems(ddq, h.q.size(), c.dtype), ref.dq), tol_g);
+    report(c, ("dk/" + m).c_str(), rel_err(from_device_elems(ddk, h.k.size(), c.dtype), ref.dk), tol_g);
+    report(c, ("dv/" + m).c_str(), rel_err(from_device_elems(ddv, h.v.size(), c.dtype), ref.dv), tol_g);
     if (c.sinks) {
       std::vector<float> ds(c.hq);
       CHECK_CUDA(cudaMemcpy(ds.data(), ddsinks, c.hq * sizeof(float), cudaMemcpyDeviceToHost));
@@ -449,10 +455,11 @@ int main() {
   { Case c = make("sinks causal", 2, 60, 60, 4, 2, 64); c.sinks = true; c.causal = true; cases.push_back(c); }
   { Case c = make("sinks masked rows", 1, 50, 20, 2, 2, 64); c.sinks = true; c.causal = true; cases.push_back(c); }
   { Case c = make("d=256", 1, 70, 70, 2, 2, 256); c.causal = true; cases.push_back(c); }
-  // Long enough for unmasked interior tiles and two m-tiles per warp (the plain fast path).
-  { Case c = make("long causal d=128", 1, 300, 300, 2, 2, 128); c.causal = true; c.bwd = false; cases.push_back(c); }
-  { Case c = make("long gqa 4/2 d=64", 2, 200, 260, 4, 2, 64); c.bwd = false; cases.push_back(c); }
-  { Case c = make("long window(100,0) d=256", 1, 260, 260, 2, 2, 256); c.wl = 100; c.wr = 0; c.bwd = false; cases.push_back(c); }
+  // Long enough for unmasked interior tiles, two m-tiles per warp (the plain fast path) and many
+  // key-block CTAs adding to one dQ row (the fused backward).
+  { Case c = make("long causal d=128", 1, 300, 300, 2, 2, 128); c.causal = true; cases.push_back(c); }
+  { Case c = make("long gqa 4/2 d=64", 2, 200, 260, 4, 2, 64); cases.push_back(c); }
+  { Case c = make("long window(100,0) d=256", 1, 260, 260, 2, 2, 256); c.wl = 100; c.wr = 0; cases.push_back(c); }
   // At most 64 packed rows over many key tiles (decode and short prompts on long caches).
   { Case c = make("decode long cache d=128 page=16", 2, 1, 1000, 8, 2, 128); c.causal = true; c.page_size = 16; c.seqused = {1000, 777}; c.bwd = false; cases.push_back(c); }
   { Case c = make("sq=16 long k d=64", 1, 16, 700, 2, 2, 64); c.causal = true; c.bwd = false; cases.push_back(c); }

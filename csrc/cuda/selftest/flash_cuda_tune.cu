@@ -113,8 +113,8 @@ int main() {
   float* workspace;
   for (void** ptr : {&dout, &dq, &dk, &dv}) CHECK_CUDA(cudaMalloc(ptr, n * 2));
   CHECK_CUDA(cudaMemcpy(dout, host.data(), n * 2, cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMalloc(&workspace, static_cast<size_t>(tokens) * 128 * sizeof(float)));
-  CHECK_CUDA(cudaMemset(workspace, 0, static_cast<size_t>(tokens) * 128 * sizeof(float)));
+  // Di (tokens x heads <= tokens x 128) and the fused backward's float32 dQ (tokens x hidden).
+  CHECK_CUDA(cudaMalloc(&workspace, (static_cast<size_t>(tokens) * 128 + n) * sizeof(float)));
   std::printf("%-10s %4s %6s %6s %9s %9s\n", "entry", "d", "seqlen", "causal", "ms", "TFLOP/s");
   for (int d : {64, 128, 256}) {
     for (int seqlen : {2048, 16384}) {
@@ -134,8 +134,11 @@ int main() {
         const double flops = 4.0 * shape.batch * seqlen * static_cast<double>(seqlen) * shape.heads * d / (causal ? 2 : 1);
         const float fwd_ms = time_ms([&] { flash::cuda::run_fwd(fp, nullptr); });
         const float bwd_ms = time_ms([&] { flash::cuda::run_bwd(bp, nullptr); });
+        bp.deterministic = true;
+        const float det_ms = time_ms([&] { flash::cuda::run_bwd(bp, nullptr); });
         std::printf("%-10s %4d %6d %6d %9.3f %9.1f\n", "run_fwd", d, seqlen, causal, fwd_ms, flops / fwd_ms / 1e9);
         std::printf("%-10s %4d %6d %6d %9.3f %9.1f\n", "run_bwd", d, seqlen, causal, bwd_ms, 2.5 * flops / bwd_ms / 1e9);
+        std::printf("%-10s %4d %6d %6d %9.3f %9.1f\n", "bwd_det", d, seqlen, causal, det_ms, 2.5 * flops / det_ms / 1e9);
       }
     }
   }
@@ -212,7 +215,23 @@ int main() {
                   bad ? "  FAIL" : "");
     };
     report_decode("w4 mt1 bn64 plain", [&] { launch_fwd_mma_config<T, 128, 4, 1, 64, true>(args, nullptr); });
-    report_decode("run_fwd (1 split)", [&] { flash::cuda::run_fwd(p, nullptr); });
+    report_decode("key warps bn64", [&] { launch_fwd_mma_config<T, 128, 4, 1, 64, true, true>(args, nullptr); });
+    float *out_accum, *lse_accum;
+    CHECK_CUDA(cudaMalloc(&out_accum, 4ull * batch * hq * d * sizeof(float)));
+    CHECK_CUDA(cudaMalloc(&lse_accum, 4ull * batch * hq * sizeof(float)));
+    for (int splits : {1, 2, 3, 4}) {
+      flash::FlashFwdParams ps = p;
+      ps.num_splits = splits;
+      ps.out_accum = out_accum;
+      ps.lse_accum = lse_accum;
+      const std::string name = "run_fwd (" + std::to_string(splits) + " split)";
+      report_decode(name.c_str(), [&] { flash::cuda::run_fwd(ps, nullptr); });
+    }
+    flash::FlashFwdParams ph = p;
+    ph.num_splits = 0;
+    std::printf("decode split heuristic: %d\n", flash::cuda::fwd_num_splits(ph));
+    CHECK_CUDA(cudaFree(out_accum));
+    CHECK_CUDA(cudaFree(lse_accum));
     CHECK_CUDA(cudaFree(kc));
     CHECK_CUDA(cudaFree(vc));
     CHECK_CUDA(cudaFree(table));

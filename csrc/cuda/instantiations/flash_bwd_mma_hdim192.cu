@@ -1,0 +1,11 @@
+// Tensor-core backward, head-dim bucket 192 (one translation unit per bucket: parallel builds).
+#include "cuda/flash_bwd_mma.cuh"
+
+namespace flash {
+namespace cuda {
+namespace detail {
+template bool launch_bwd_mma<__half, 192>(const BwdArgs&, cudaStream_t);
+template bool launch_bwd_mma<__nv_bfloat16, 192>(const BwdArgs&, cudaStream_t);
+}  // namespace detail
+}  // namespace cuda
+}  // namespace flash
