@@ -10,6 +10,10 @@ Every point reports latency, TFLOP/s (DESIGN.md's convention: forward 4*b*s_q*s_
 for causal; backward 2.5x forward), peak memory, and for decode the K/V bytes read per second.
 The run is written to benchmarks/results/<name>.json after every point (a run cut short keeps
 what it measured), with a markdown table beside it and PNG plots at the end.
+
+On a CPU the implementations of a point are timed in turn, one call each per round (interleaved),
+so that a noisy stretch of a shared machine slows every implementation alike instead of one of
+them; on CUDA (quiet, event-timed) each is timed in one go unless --interleave asks otherwise.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import PipelineError
 
@@ -94,12 +98,13 @@ class Point:
 
 @dataclass
 class Settings:
-    """How long each point is timed."""
+    """How long each point is timed, and whether its implementations take turns call by call."""
 
     repeats: int
     min_repeats: int
     point_seconds: float
     warmup: int = 1
+    interleave: bool = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,11 +118,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--causal", default="both", choices=("both", "true", "false"), help="masks to run (default: both)")
     parser.add_argument("--tokens", type=int, default=None, help="batch * seqlen (default: 16384 on CUDA, 4096 on CPU)")
     parser.add_argument("--hidden", type=int, default=2048, help="heads * head_dim (default: 2048)")
-    parser.add_argument("--repeats", type=int, default=None, help="most timed calls per point (median reported)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="most timed calls per point and implementation (median reported; default: 30 on CUDA, "
+                             "9 on CPU)")
     parser.add_argument("--min-repeats", type=int, default=3, help="fewest timed calls per point (default: 3)")
     parser.add_argument("--point-seconds", type=float, default=None,
-                        help="stop timing a point after this many seconds once --min-repeats calls are done "
-                             "(default: 1.0 on CUDA, 2.0 on CPU)")
+                        help="stop timing an implementation on a point once its calls took this many seconds "
+                             "and --min-repeats calls are done (default: 1.0 on CUDA, 8.0 on CPU)")
+    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                        help="time the implementations of a point in turn, one call each per round, so that noise "
+                             "from other work on the machine hits them alike (default: on for CPU, off for CUDA)")
     parser.add_argument("--peers", default=None,
                         help=f"comma-separated peers (default: every one present: {','.join(CUDA_PEERS)} on CUDA, "
                              f"{','.join(CPU_PEERS)} on CPU; decode: SDPA backends only)")
@@ -168,8 +178,9 @@ def run(args: argparse.Namespace) -> int:
         if p not in known:
             raise PipelineError(f"--peers: unknown peer {p!r}", fix=f"choose from {', '.join(sorted(known))}")
     points = plan_points(args, device, ops, dtypes)
-    settings = Settings(repeats=args.repeats or (30 if cuda else 5), min_repeats=max(1, args.min_repeats),
-                        point_seconds=args.point_seconds if args.point_seconds is not None else (1.0 if cuda else 2.0))
+    settings = Settings(repeats=args.repeats or (30 if cuda else 9), min_repeats=max(1, args.min_repeats),
+                        point_seconds=args.point_seconds if args.point_seconds is not None else (1.0 if cuda else 8.0),
+                        interleave=args.interleave if args.interleave is not None else not cuda)
     label = args.label or ("flash-attn-kernel[sm80]" if cuda else "flash-attn-kernel[cpu]")
 
     if not cuda:
@@ -195,10 +206,9 @@ def run(args: argparse.Namespace) -> int:
             impls = implementations(kernel, device, point.op, label, peers)
             if args.without_ours:
                 impls.pop(label)
-            for impl, factory in impls.items():
-                rec = measure(factory, impl, point, device, settings)
+            for rec in measure_point(impls, point, device, settings):
                 results.add(rec)
-                print(f"    [{i}/{len(points)}] {impl:26s} {_figure(rec)}", flush=True)
+                print(f"    [{i}/{len(points)}] {rec.impl:26s} {_figure(rec)}", flush=True)
     except KeyboardInterrupt:
         interrupted = True
         results.note_skipped(None, "interrupted")
@@ -346,7 +356,10 @@ def describe_run(device: str, kernel, settings: Settings, project: Path, command
         "memory_method": MEMORY_METHOD[device],
         "peer_sources": peer_sources(),
         "timing": (f"{how} around each call after {settings.warmup} warm-up call, median of "
-                   f"{settings.min_repeats}..{settings.repeats} calls (stopping after {settings.point_seconds} s)"),
+                   f"{settings.min_repeats}..{settings.repeats} calls (stopping once they took "
+                   f"{settings.point_seconds} s)"
+                   + ("; the implementations of a point interleaved, one call each per round" if settings.interleave
+                      else "")),
         "complete": False,
         "records": [],
     }
@@ -663,36 +676,102 @@ def _proc_status_kib(key: str) -> int:
     raise KeyError(key)
 
 
+def measure_point(impls: dict[str, Factory], point: Point, device: str, settings: Settings) -> Iterator[Record]:
+    """The record of every implementation on `point`, each as soon as it is measured.
+
+    With settings.interleave the implementations are prepared and warmed up together, then called
+    in rounds of one timed call each (in an order that rotates by one each round) until every one
+    has its calls, and their records come at the end of the point; otherwise each is measured in
+    one go (measure()) before the next starts.
+    """
+    if not settings.interleave:
+        for impl, factory in impls.items():
+            yield measure(factory, impl, point, device, settings)
+        return
+    timed = [Timed(factory, impl, point, device, settings) for impl, factory in impls.items()]
+    rounds = 0
+    while any(t.running for t in timed):
+        # each round starts one implementation later, so none always runs right after the same one
+        first = rounds % len(timed)
+        for t in timed[first:] + timed[:first]:
+            if t.running:
+                t.call()
+        rounds += 1
+    for t in timed:
+        yield t.record
+
+
 def measure(factory: Factory, impl: str, point: Point, device: str, settings: Settings) -> Record:
     """Time one implementation on one point; any failure is recorded, never raised."""
-    import torch
+    timed = Timed(factory, impl, point, device, settings)
+    while timed.running:
+        timed.call()
+    return timed.record
 
-    dtype = getattr(torch, DTYPES[point.dtype])
-    rec = Record(impl, point.op, point.dtype, point.batch, point.seqlen_q, point.seqlen_k, point.heads_q,
-                 point.heads_kv, point.hdim, point.causal, None, None, None, None, page_size=point.page_size)
-    cuda = device == "cuda"
-    try:
-        step = _prepare(factory, point, device, dtype)
-        for _ in range(settings.warmup):
-            step()  # module load, compilation, autotuning, handle creation
-        memory = PeakMemory(device)
-        memory.start()
-        times = _time_calls(step, cuda, settings)
-        rec.peak_mem_bytes = memory.stop()
-        rec.ms = statistics.median(times)
-        rec.repeats = len(times)
+
+class Timed:
+    """One implementation on one point while it is timed: inputs made and warm-up done on creation,
+    then one timed call per call(); any failure goes into the record, never raised."""
+
+    def __init__(self, factory: Factory, impl: str, point: Point, device: str, settings: Settings):
+        import torch
+
+        self.point, self.device, self.settings = point, device, settings
+        self.dtype = getattr(torch, DTYPES[point.dtype])
+        self.record = Record(impl, point.op, point.dtype, point.batch, point.seqlen_q, point.seqlen_k,
+                             point.heads_q, point.heads_kv, point.hdim, point.causal, None, None, None, None,
+                             page_size=point.page_size)
+        self.times: list[float] = []
+        self.peaks: list[int | None] = []
+        self.step: Callable[[], None] | None = None
+        try:
+            self.step = _prepare(factory, point, device, self.dtype)
+            for _ in range(settings.warmup):
+                self.step()  # module load, compilation, autotuning, handle creation
+        except Exception as err:  # noqa: BLE001 - a failing peer is a result, not a reason to stop the run
+            self._fail(err)
+
+    @property
+    def running(self) -> bool:
+        return self.step is not None
+
+    def call(self) -> None:
+        """One timed call (peak memory taken around it); the record is filled in after the last."""
+        try:
+            memory = PeakMemory(self.device)
+            memory.start()
+            self.times.append(_time_call(self.step, self.device == "cuda"))
+            self.peaks.append(memory.stop())
+        except Exception as err:  # noqa: BLE001
+            self._fail(err)
+            return
+        s = self.settings
+        enough = len(self.times) >= s.min_repeats
+        if len(self.times) >= s.repeats or (enough and sum(self.times) * 1e-3 >= s.point_seconds):
+            self._finish()
+
+    def _finish(self) -> None:
+        rec, point = self.record, self.point
+        rec.ms = statistics.median(self.times)
+        rec.repeats = len(self.times)
+        rec.peak_mem_bytes = None if None in self.peaks else max(self.peaks)
         rec.tflops = flops(point.op, point.batch, point.seqlen_q, point.seqlen_k, point.heads_q, point.hdim,
                            point.causal) / (rec.ms * 1e-3) / 1e12
         if point.op == "decode":
-            rec.gbps = decode_bytes(point, dtype.itemsize) / (rec.ms * 1e-3) / 1e9
-    except Exception as err:  # noqa: BLE001 - a failing peer is a result, not a reason to stop the run
+            rec.gbps = decode_bytes(point, self.dtype.itemsize) / (rec.ms * 1e-3) / 1e9
+        self._release()
+
+    def _fail(self, err: Exception) -> None:
         text = str(err).strip()
-        rec.error = f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
-    finally:
-        step = None
-        if cuda:
+        self.record.error = f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
+        self._release()
+
+    def _release(self) -> None:
+        self.step = None
+        if self.device == "cuda":
+            import torch
+
             torch.cuda.empty_cache()  # an OOM or a big peer must not shrink the next one's memory
-    return rec
 
 
 def _prepare(factory: Factory, point: Point, device: str, dtype) -> Callable[[], None]:
@@ -731,27 +810,20 @@ def _prepare(factory: Factory, point: Point, device: str, dtype) -> Callable[[],
     return fwdbwd_step
 
 
-def _time_calls(step: Callable[[], None], cuda: bool, settings: Settings) -> list[float]:
-    """Milliseconds per call: at least min_repeats calls, at most repeats, stopping after point_seconds."""
+def _time_call(step: Callable[[], None], cuda: bool) -> float:
+    """Milliseconds one call of `step` takes."""
     import torch
 
-    times: list[float] = []
-    spent = time.perf_counter()
-    while True:
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-        enough = len(times) >= settings.min_repeats
-        if len(times) >= settings.repeats or (enough and time.perf_counter() - spent >= settings.point_seconds):
-            return times
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    step()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def _load_kernel(project: Path, device: str):

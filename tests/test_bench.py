@@ -77,20 +77,40 @@ def test_a_failing_peer_is_recorded_and_the_run_goes_on(project: Path, monkeypat
 
 
 def test_an_interrupted_run_keeps_every_point_it_measured(project: Path, monkeypatch):
-    real, calls = bench.measure, []
+    real, calls = bench.measure_point, []
 
     def measure_then_stop(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 4:
+        if len(calls) == 2:
             raise KeyboardInterrupt  # what a SIGTERM from `timeout` becomes
         return real(*args, **kwargs)
-    monkeypatch.setattr(bench, "measure", measure_then_stop)
+    monkeypatch.setattr(bench, "measure_point", measure_then_stop)
     assert run_bench(project, *TINY_GRID, "--name", "cut") == 130
     results = project / "benchmarks" / "results"
     doc = json.loads((results / "cut.json").read_text())
     assert len(doc["records"]) == 3 and doc["complete"] is False
     assert doc["skipped"][0]["why"] == "interrupted"
     assert "**Incomplete run** (interrupted)" in (results / "cut.md").read_text()
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_implementations_take_turns_on_cpu(project: Path, monkeypatch, interleave: bool):
+    """On CPU a point's implementations take turns call by call by default; --no-interleave times each in one go."""
+    order = []
+
+    def logged(name):
+        def make(q, k, v, causal):
+            return lambda: order.append(name)
+        return make
+    monkeypatch.setattr(bench, "implementations", lambda *a, **kw: {"a": logged("a"), "b": logged("b")})
+    flag = [] if interleave else ["--no-interleave"]
+    assert run_bench(project, *TINY_GRID, "--ops", "fwd", "--causal", "false", "--repeats", "3", "--min-repeats",
+                     "3", *flag, "--name", "turns") == 0
+    # one warm-up call each, then three timed calls each: in rounds whose order rotates, or in one go
+    assert order == (["a", "b", "a", "b", "b", "a", "a", "b"] if interleave else ["a"] * 4 + ["b"] * 4)
+    doc = json.loads((project / "benchmarks" / "results" / "turns.json").read_text())
+    assert [r["repeats"] for r in doc["records"]] == [3, 3]
+    assert ("interleaved" in doc["timing"]) == interleave
 
 
 def test_the_json_on_disk_holds_every_record_as_soon_as_it_is_measured(tmp_path: Path):
