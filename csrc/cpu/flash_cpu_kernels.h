@@ -387,7 +387,8 @@ struct Dropout {
 // online softmax on it, and O = O * correction + P V. Both products are register tiles of
 // kPanelRows x kPanelCols float accumulators; a panel computes only the key columns its rows
 // can see (in steps of kPanelCols), and the mask is applied only where a panel crosses a mask
-// edge.
+// edge. Rows of q, k, v and out are prefetched a few rows ahead of their loads and stores: they
+// sit heads apart in memory, where the hardware prefetchers do not follow.
 
 #if defined(FLASH_CPU_AVX2)
 constexpr int kPanelRows = 6;  // 6 x 2 accumulators + 2 values of V or K^T + 1 broadcast: 15 of 16 ymm
@@ -437,17 +438,41 @@ inline void transpose8(Vec8* r) {
 // passes through the clamp and stays NaN.
 inline Vec8 exp2_nonpos(Vec8 t) {
   const Vec8 lowest = Vec8{} - 127.0f;
-  t = lowest > t ? lowest : t;  // one vmaxps; a NaN t is kept
-  const Vec8 shifted = t + 12582912.0f;  // 1.5 * 2^23: round(t) lands in the low mantissa bits
-  const Vec8 f = t - (shifted - 12582912.0f);
+#if defined(FLASH_CPU_AVX2)
+  t = __builtin_ia32_maxps256(lowest, t);  // vmaxps keeps its second operand when one is NaN
+#else
+  t = lowest > t ? lowest : t;  // a NaN t is kept
+#endif
+  // 1.5 * 2^23 + 127: round(t) + 127 lands in the low mantissa bits, ready to be shifted into
+  // the exponent field (the constant's own bits shift out)
+  constexpr float kShifter = 12583039.0f;
+  const Vec8 shifted = t + kShifter;
+  const Vec8 f = t - (shifted - kShifter);
   Vec8 poly = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
   poly = poly * f + 9.618437357674640e-3f;
   poly = poly * f + 5.550332471162809e-2f;
   poly = poly * f + 2.402264791363012e-1f;
   poly = poly * f + 6.931472028550421e-1f;
   poly = poly * f + 1.0f;
-  const Vec8i exponent = ((reinterpret_cast<const Vec8i&>(shifted) - 0x4B400000) + 127) << 23;
+  const Vec8i exponent = reinterpret_cast<const Vec8i&>(shifted) << 23;
   return poly * reinterpret_cast<const Vec8&>(exponent);
+}
+
+// Max and sum of the eight lanes, as trees of three shuffles (a lane-by-lane scalar loop takes
+// about three times the instructions).
+inline Vec8 swap_halves(Vec8 v) { return __builtin_shuffle(v, Vec8i{4, 5, 6, 7, 0, 1, 2, 3}); }
+inline Vec8 swap_pairs(Vec8 v) { return __builtin_shuffle(v, Vec8i{2, 3, 0, 1, 6, 7, 4, 5}); }
+inline Vec8 swap_neighbours(Vec8 v) { return __builtin_shuffle(v, Vec8i{1, 0, 3, 2, 5, 4, 7, 6}); }
+inline Vec8 vmax(Vec8 a, Vec8 b) { return a > b ? a : b; }
+inline float hmax8(Vec8 v) {
+  v = vmax(v, swap_halves(v));
+  v = vmax(v, swap_pairs(v));
+  return vmax(v, swap_neighbours(v))[0];
+}
+inline float hsum8(Vec8 v) {
+  v += swap_halves(v);
+  v += swap_pairs(v);
+  return (v + swap_neighbours(v))[0];
 }
 
 // S[R x 16] = Q panel (packed [d][R]) . K^T panel (packed [d][16]).
@@ -493,6 +518,19 @@ inline void pv_tile(int j0, int j1, const float* pm, int ldp, const float* vp, f
 
 int round_up(int n, int m) { return (n + m - 1) / m * m; }
 
+// Asks for the `bytes` at `row` to be brought into cache ahead of use. Rows of q, k, v and out
+// sit a page or more apart at typical sizes, so each one read cold costs a TLB walk and a memory
+// round trip; prefetched a few rows ahead, several of those overlap.
+inline void prefetch_row(const void* row, int bytes, bool write = false) {
+  const char* c = static_cast<const char*>(row);
+  for (int off = 0; off < bytes; off += 64) {
+    if (write)
+      __builtin_prefetch(c + off, 1, 3);
+    else
+      __builtin_prefetch(c + off, 0, 2);  // prefetcht1: into L2, the packed tiles own L1
+  }
+}
+
 template <typename T>
 struct Forward {
   const FlashFwdParams& p;
@@ -525,6 +563,17 @@ struct Forward {
     }
   }
 
+  // Prefetches the k and v rows of keys [key0, key1) (clipped to the sequence).
+  void prefetch_keys(const Seq& s, int b, int hk, int key0, int key1) const {
+    const int bytes = p.head_dim * static_cast<int>(sizeof(T));
+    for (int j = std::max(key0, 0); j < std::min(key1, s.len_k); ++j) {
+      prefetch_row(static_cast<const T*>(p.k) + key_offset(p, s, b, j, hk, p.k_batch_stride, p.k_row_stride,
+                                                           p.k_head_stride), bytes);
+      prefetch_row(static_cast<const T*>(p.v) + key_offset(p, s, b, j, hk, p.v_batch_stride, p.v_row_stride,
+                                                           p.v_head_stride), bytes);
+    }
+  }
+
   // Packs keys n0 + [j0, j1) (multiples of kPanelCols) of (b, hk) as float, 8 keys at a time;
   // keys past len_k and head-dim padding are zero. K is transposed 8 x 8 in registers:
   // scattering single floats into the panels touches a cache line per float and thrashes L1.
@@ -532,7 +581,10 @@ struct Forward {
                const float* zeros) const {
     const int d = p.head_dim;
     const float* src[8];
+    prefetch_keys(s, b, hk, n0 + j0, n0 + std::min(j0 + 16, j1));
     for (int g = j0; g < j1; g += 8) {
+      // two groups ahead: the rows arrive while this group is transposed
+      if (g + 16 < j1) prefetch_keys(s, b, hk, n0 + g + 16, n0 + std::min(g + 24, j1));
       key_rows(s, b, hk, n0 + g, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, rows, zeros, src);
       float* kpanel = kp + (g / kPanelCols) * kPanelCols * d + g % kPanelCols;
       for (int c = 0; c < d; c += 8) {
@@ -582,13 +634,18 @@ struct Forward {
     bool keep[kFwdBlockN];
 
     const T* qb = static_cast<const T*>(p.q);
+    auto q_row = [&](int r) {
+      const int t = t0 + r;
+      return qb + query_offset(p, s, b, t / group, hk * group + t % group, p.q_batch_stride, p.q_row_stride,
+                               p.q_head_stride);
+    };
+    constexpr int kAhead = 8;  // rows prefetched ahead of the one being read or written
+    for (int r = 0; r < std::min(rows, kAhead); ++r) prefetch_row(q_row(r), d * static_cast<int>(sizeof(T)));
     for (int r = 0; r < padded_rows; ++r) {
       float* dst = qp + static_cast<size_t>(r / kPanelRows) * d * kPanelRows + r % kPanelRows;
+      if (r + kAhead < rows) prefetch_row(q_row(r + kAhead), d * static_cast<int>(sizeof(T)));
       if (r < rows) {
-        const int t = t0 + r;
-        load_row(qb + query_offset(p, s, b, t / group, hk * group + t % group, p.q_batch_stride, p.q_row_stride,
-                                   p.q_head_stride),
-                 row, d);
+        load_row(q_row(r), row, d);
         for (int c = 0; c < d; ++c) dst[c * kPanelRows] = row[c];
       } else {
         for (int c = 0; c < d; ++c) dst[c * kPanelRows] = 0.0f;
@@ -620,7 +677,13 @@ struct Forward {
     }
 
     T* ob = static_cast<T*>(p.out);
+    auto out_row = [&](int r) {
+      return ob + query_offset(p, s, b, query_row(r), query_head(r), p.o_batch_stride, p.o_row_stride,
+                               p.o_head_stride);
+    };
+    for (int r = 0; r < std::min(rows, kAhead); ++r) prefetch_row(out_row(r), d * static_cast<int>(sizeof(T)), true);
     for (int r = 0; r < rows; ++r) {
+      if (r + kAhead < rows) prefetch_row(out_row(r + kAhead), d * static_cast<int>(sizeof(T)), true);
       const int i = query_row(r), h = query_head(r);
       float lse = kInf;
       float inv = 0.0f;
@@ -637,8 +700,7 @@ struct Forward {
         }
         lse = mx + std::log(sum);
       }
-      store_row(o + static_cast<size_t>(r) * dp, inv * drop.keep_scale,
-                ob + query_offset(p, s, b, i, h, p.o_batch_stride, p.o_row_stride, p.o_head_stride), d);
+      store_row(o + static_cast<size_t>(r) * dp, inv * drop.keep_scale, out_row(r), d);
       p.softmax_lse[lse_index(p, s, b, h, i)] = lse;
     }
   }
@@ -670,9 +732,7 @@ struct Forward {
         m0 = m0 > a ? m0 : a;
         m1 = m1 > c ? m1 : c;
       }
-      m0 = m0 > m1 ? m0 : m1;
-      float mx = m0[0];
-      for (int u = 1; u < 8; ++u) mx = mx > m0[u] ? mx : m0[u];
+      const float mx = hmax8(m0 > m1 ? m0 : m1);
       new_max[r] = std::max(maxes[r], mx * to_logit);
       // a row that has seen no key yet keeps corr = 1 (its output is still 0)
       delta[r] = new_max[r] == -kInf ? 0.0f : (maxes[r] - new_max[r]) * kLog2e;
@@ -698,10 +758,7 @@ struct Forward {
         sum0 += e0;
         sum1 += e1;
       }
-      sum0 += sum1;
-      float sum = 0.0f;
-      for (int u = 0; u < 8; ++u) sum += sum0[u];
-      sums[r] = sums[r] * corr[r] + sum;
+      sums[r] = sums[r] * corr[r] + hsum8(sum0 + sum1);
       if (drop.on && r0 + r < rows) {
         // dropped after the sum: the normalizer counts every probability
         dropout_row(p, drop.threshold, static_cast<int64_t>(b) * p.heads_q + query_head(r0 + r), query_row(r0 + r),
