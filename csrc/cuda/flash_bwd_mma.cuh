@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
   T* sdS = sdO + 2 * BR * kPitch;  // [BK][kDsPitch]: dS^T of the current row block (kFusedDq)
   // Row scalars of the two buffered row blocks, [2][BR] each.
   float* sLse = reinterpret_cast<float*>(sdS + BK * kDsPitch);  // log2 domain when kPlain
-  float* sDi = sLse + 2 * BR;
+  float* sDi = sLse + 2 * BR;                                   // times softmax_scale when kPlain
   float* sSlope = sDi + 2 * BR;
   int* sI = reinterpret_cast<int*>(sSlope + 2 * BR);  // query row of each packed row, -1 past the end
 
@@ -250,6 +250,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
   const int d0 = blockIdx.x % Tr::kDSplit * Tr::kDAcc;  // first dK / dV / dQ column of this CTA
   const SeqInfo si = seq_info(p, b);
   const int group = sa.group;
+  const GroupSplit gs(group);
   const int rows = si.sq * group;
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int tid = threadIdx.x;
@@ -275,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
       return [=, &si](int rw) -> const T* {
         const int r = r0 + rw;
         if (r >= rows) return nullptr;
-        return base + q_offset(varlen, bs, rst, hs, si, b, r / group, hk * group + r % group);
+        return base + q_offset(varlen, bs, rst, hs, si, b, gs.row(r), hk * group + gs.head(r));
       };
     };
     cp_async_tile<T, D, BR>(sQ + buf * BR * kPitch, q_rows(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride),
@@ -285,12 +286,13 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
     if (tid < BR) {
       const int r = r0 + tid;
       const bool ok = r < rows;
-      const int i = ok ? r / group : 0;
-      const int h = hk * group + (ok ? r % group : 0);
+      const int i = ok ? gs.row(r) : 0;
+      const int h = hk * group + (ok ? gs.head(r) : 0);
       sI[buf * BR + tid] = ok ? i : -1;
       const float lse = ok ? p.softmax_lse[lse_offset(p, si, b, i, h)] : 0.f;
       sLse[buf * BR + tid] = kPlain ? lse * kLog2e : lse;
-      sDi[buf * BR + tid] = ok ? p.workspace[di_offset(p, b, h, i)] : 0.f;
+      const float di = ok ? p.workspace[di_offset(p, b, h, i)] : 0.f;
+      sDi[buf * BR + tid] = kPlain ? di * p.softmax_scale : di;  // plain: dS = P (dP scale - Di scale)
       sSlope[buf * BR + tid] = !kPlain && p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
     }
   };
@@ -362,7 +364,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
     // P^T into st, dS^T into dpt: rows of the fragments are keys (g, g+8), columns query rows.
     // The block needs the mask unless every (row, key) pair of it is visible.
     const int r0 = mb * BR;
-    const int row_i_lo = r0 / group, row_i_hi = (r0 + BR - 1) / group;
+    const int row_i_lo = gs.row(r0), row_i_hi = gs.row(r0 + BR - 1);
     const bool need_mask = j0 + BK > si.sk || r0 + BR > rows ||
                            (sa.window_right >= 0 && j0 + BK - 1 > row_i_lo + offset + sa.window_right) ||
                            (sa.window_left >= 0 && j0 < row_i_hi + offset - sa.window_left);
@@ -375,8 +377,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
         float prob = 0.f, ds = 0.f;
         if (kPlain) {
           if (!need_mask || (cI[col] >= 0 && visible(sa, cI[col], j, si.sq, si.sk))) {
-            prob = fast_exp2(st[t][c] * scale_log2 - cLse[col]);
-            ds = prob * (dpt[t][c] - cDi[col]) * p.softmax_scale;
+            prob = fast_exp2(fmaf(st[t][c], scale_log2, -cLse[col]));
+            ds = prob * fmaf(dpt[t][c], p.softmax_scale, -cDi[col]);
           }
         } else {
           const int i = cI[col];
@@ -458,7 +460,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
       for (int e = 0; e < 2; ++e) {
         const int r = r0 + wr + g + 8 * e;
         if (r >= rows) continue;
-        float* acc = dq_accum_row(p, si, b, r / group, hk * group + r % group);
+        float* acc = dq_accum_row(p, si, b, gs.row(r), hk * group + gs.head(r));
 #pragma unroll
         for (int t = 0; t < 2 * kQC; ++t) {
           const int d = d0 + (c0 + t / 2) * 16 + (t & 1) * 8 + tq * 2;

@@ -193,6 +193,18 @@ __device__ __forceinline__ float* dq_accum_row(const FlashBwdParams& p, const Se
   return dq_accum(p) + (row * p.heads_q + h) * p.head_dim;
 }
 
+// Packed row r of a KV group -> query row r / group and head offset r % group: shifts when the
+// group is a power of two (the usual GQA ratios, and 1), a division otherwise.
+struct GroupSplit {
+  int group, shift = 0;
+  __device__ __forceinline__ explicit GroupSplit(int g) : group(g) {
+    while ((1 << shift) < g) ++shift;
+    if ((1 << shift) != g) shift = -1;
+  }
+  __device__ __forceinline__ int row(int r) const { return shift >= 0 ? r >> shift : r / group; }
+  __device__ __forceinline__ int head(int r) const { return shift >= 0 ? r & (group - 1) : r % group; }
+};
+
 // Query row i of a sequence with sq rows sees key j of sk keys (flash_params.h, bottom-right).
 __device__ __forceinline__ bool visible(const ScoreArgs& a, int i, int j, int sq, int sk) {
   if (j >= sk) return false;

@@ -63,6 +63,7 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
   const int split = blockIdx.y % args.num_splits;
   const SeqInfo si = seq_info(p, b);
   const int group = sa.group;
+  const GroupSplit gs(group);
   const int rows = si.sq * group;
   const int r0 = blockIdx.x * BM;
   if (r0 >= rows) return;
@@ -189,7 +190,7 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
 #pragma unroll
       for (int e = 0; e < kRows; ++e) {
         const int r = packed_row(e);
-        const int i = r / group;
+        const int i = gs.row(r);
         const int mt = e >> 1, hc = 2 * (e & 1);
 #pragma unroll
         for (int t = 0; t < kNT; ++t)
@@ -211,16 +212,22 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
 
     // Online softmax per row. O and l are rescaled only when a row max of the warp moved: after
     // the first tiles that is rare, and skipping a multiplication by 1 changes nothing.
+    // Row max and row sum as trees: a chain over the tile's columns was the kernel's main stall
+    // (fixed-latency dependencies, Nsight Compute).
+    static_assert((kNT & (kNT - 1)) == 0, "tree reductions over a power-of-two column count");
     float corr[kRows], m_use[kRows];
     bool moved = false;
 #pragma unroll
     for (int e = 0; e < kRows; ++e) {
-      float tile_max = neg_inf();
+      float part[kNT];
 #pragma unroll
-      for (int t = 0; t < kNT; ++t) {
-        tile_max = fmaxf(tile_max, fmaxf(s[e >> 1][t][2 * (e & 1)], s[e >> 1][t][2 * (e & 1) + 1]));
+      for (int t = 0; t < kNT; ++t) part[t] = fmaxf(s[e >> 1][t][2 * (e & 1)], s[e >> 1][t][2 * (e & 1) + 1]);
+#pragma unroll
+      for (int w = kNT / 2; w > 0; w /= 2) {
+#pragma unroll
+        for (int t = 0; t < w; ++t) part[t] = fmaxf(part[t], part[t + w]);
       }
-      const float m_new = fmaxf(m[e], quad_max(tile_max) * sc);
+      const float m_new = fmaxf(m[e], quad_max(part[0]) * sc);
       m_use[e] = m_new == neg_inf() ? 0.f : m_new;  // no key seen yet: avoid inf - inf
       corr[e] = m_new == m[e] ? 1.f : fast_exp2(m[e] - m_use[e]);
       moved |= m_new != m[e];
@@ -232,11 +239,19 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
 #pragma unroll
       for (int t = 0; t < kNT; ++t)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int e = 2 * mt + (c >> 1);
-          s[mt][t][c] = fast_exp2(fmaf(s[mt][t][c], sc, -m_use[e]));
-          l[e] += s[mt][t][c];
-        }
+        for (int c = 0; c < 4; ++c) s[mt][t][c] = fast_exp2(fmaf(s[mt][t][c], sc, -m_use[2 * mt + (c >> 1)]));
+#pragma unroll
+    for (int e = 0; e < kRows; ++e) {
+      float part[kNT];
+#pragma unroll
+      for (int t = 0; t < kNT; ++t) part[t] = s[e >> 1][t][2 * (e & 1)] + s[e >> 1][t][2 * (e & 1) + 1];
+#pragma unroll
+      for (int w = kNT / 2; w > 0; w /= 2) {
+#pragma unroll
+        for (int t = 0; t < w; ++t) part[t] += part[t + w];
+      }
+      l[e] += part[0];
+    }
     if (!kPlain && sa.dropout) {
       // Keys j0 + 8t + 2tq + {0, 1} are words 2(tq & 1) + {0, 1} of Philox group (j0 + 8t + 2tq) / 4
       // (j0 is a multiple of 8); l keeps the undropped sum, as the contract's lse does.
