@@ -5,10 +5,11 @@
 // accumulate) with ldmatrix fragment loads, and P stays in registers between the two products.
 //
 // The softmax runs in the log2 domain (x = score * log2(e), p = 2^(x - m)): one FFMA and one ex2
-// per element, and the O rescale only when a row max of the warp moved. Masks (causal, window, sequence end) and score modifiers (softcap, ALiBi)
-// cost per element, so they run only where needed: tiles every row sees entirely skip the mask,
-// and kPlain instantiations (no softcap, ALiBi or dropout: the common case) have no code for them,
-// which also frees the registers that let a warp own two m-tiles.
+// per element, and the O rescale only when a row max of the warp moved. Masks (causal, window,
+// sequence end) and score modifiers (softcap, ALiBi) cost per element, so they run only where
+// needed: tiles every row sees entirely skip the mask, and kPlain instantiations (no softcap, ALiBi
+// or dropout: the common case) have no code for them, which also frees the registers that let a
+// warp own two m-tiles.
 // Same contract and results as fwd_kernel (flash_fwd.cu). Fragment layouts: flash_mma.cuh.
 #pragma once
 
