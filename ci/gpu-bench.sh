@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call (600 s) on the H100: build this machine's variant (sm_90 only), then the attention
+# One device call (600 s) on the H100: build this machine's variant (sm_90a only), then the attention
 # benchmark in stages that each stop starting points when their budget is spent, most important
 # first: decode; bf16 fwd/bwd against SDPA's backends and eager; fp16; bf16 fwd+bwd; FlexAttention
 # last (its compiles are the least predictable cost). All stages append to one results file.
@@ -10,7 +10,7 @@
 set -uo pipefail
 . "$(dirname "$0")/gpu-env.sh"
 NAME=${BENCH_NAME:-h100-attention-$(date -u +%F)}
-LABEL=${BENCH_LABEL:-flash-attn-kernel[sm80]}
+LABEL=${BENCH_LABEL:-flash-attn-kernel[cuda]}
 SEQLENS=${SEQLENS:-512,2048,8192,16384}
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then

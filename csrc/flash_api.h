@@ -31,6 +31,9 @@ void run_bwd(const FlashBwdParams& params, void* stream);
 int fwd_num_splits(const FlashFwdParams& params);
 // Bytes of out_accum plus lse_accum for fwd_num_splits(params) splits (0 when it is 1).
 size_t fwd_workspace_bytes(const FlashFwdParams& params);
+// Which forward kernel run_fwd picks for params on the current device: "wgmma" (Hopper), "mma"
+// (sm80-class tensor cores) or "simt".
+const char* fwd_kernel_name(const FlashFwdParams& params);
 // Bytes of FlashBwdParams::workspace the backward needs (any contents: run_bwd initializes what it reads).
 size_t bwd_workspace_bytes(const FlashBwdParams& params);
 }  // namespace cuda

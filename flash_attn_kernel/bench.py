@@ -134,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--without-ours", action="store_true",
                         help="measure only the peers (to add a peer to an earlier run with --append)")
     parser.add_argument("--label", default=None,
-                        help="name of our kernel in the results (default: flash-attn-kernel[sm80] on CUDA, "
+                        help="name of our kernel in the results (default: flash-attn-kernel[cuda] on CUDA, "
                              "flash-attn-kernel[cpu] on CPU)")
     parser.add_argument("--decode-batch", type=int, default=None, help="decode batch (default: 64 on CUDA, 4 on CPU)")
     parser.add_argument("--decode-cache", type=int, default=None, help="decode cache length (default: 8192 on CUDA, 2048 on CPU)")
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(repeats=args.repeats or (30 if cuda else 9), min_repeats=max(1, args.min_repeats),
                         point_seconds=args.point_seconds if args.point_seconds is not None else (1.0 if cuda else 8.0),
                         interleave=args.interleave if args.interleave is not None else not cuda)
-    label = args.label or ("flash-attn-kernel[sm80]" if cuda else "flash-attn-kernel[cpu]")
+    label = args.label or ("flash-attn-kernel[cuda]" if cuda else "flash-attn-kernel[cpu]")
 
     if not cuda:
         _pin_mmap_threshold()

@@ -164,10 +164,16 @@ _LONG = [
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
 @pytest.mark.parametrize("head_dim", [64, 128, 40])
 @pytest.mark.parametrize("case", range(len(_LONG)))
-def test_long_forward(device_kernel, dtype_name, head_dim, case):
+@pytest.mark.parametrize("cuda_forward", ["default", "portable"])
+def test_long_forward(device_kernel, dtype_name, head_dim, case, cuda_forward, monkeypatch):
     kernel, device = device_kernel
     dtype = DTYPES[dtype_name]
     _supported(dtype, device)
+    if cuda_forward == "portable":
+        # On sm90 the default forward is the Hopper kernel; this keeps the mma.sync one tested there.
+        if device != "cuda":
+            pytest.skip("CUDA forward paths only")
+        monkeypatch.setenv("FLASH_ATTN_CUDA_HOPPER", "0")
     features = _LONG[case]
     _seed("long", dtype_name, head_dim, case)
     sq, sk = features["sq"], features["sk"]

@@ -69,8 +69,8 @@ def test_matrix_of_this_repository():
     cpu = {f"torch2{m}-cxx11-cpu-x86_64-linux" for m in (11, 12, 13, 14, 15)}
     cuda = {f"torch-stable-abi211-cu{c}-x86_64-linux" for c in (126, 128, 130, 132)}
     assert set(names) == cpu | cuda
-    assert names["torch-stable-abi211-cu126-x86_64-linux"].archs == ("8.0", "8.6", "8.9", "9.0")
-    assert names["torch-stable-abi211-cu130-x86_64-linux"].archs == ("8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
+    assert names["torch-stable-abi211-cu126-x86_64-linux"].archs == ("8.0", "8.6", "8.9", "9.0a")
+    assert names["torch-stable-abi211-cu130-x86_64-linux"].archs == ("8.0", "8.6", "8.9", "9.0a", "10.0", "12.0")
 
 
 def test_cuda12_is_not_buildable_without_a_host_toolkit(monkeypatch):

@@ -25,8 +25,52 @@ template <typename T, int D>
 void launch_fwd_mma(const FwdArgs& args, cudaStream_t stream);
 template <typename T, int D>
 FwdOccupancy fwd_mma_occupancy(const FwdArgs& args);
+// The Hopper forward (hopper/flash_fwd_wgmma.cuh), head-dim buckets 64, 128, 192, 256.
+template <typename T, int D>
+void launch_fwd_wgmma(const FwdArgs& args, cudaStream_t stream);
+template <typename T, int D>
+FwdOccupancy fwd_wgmma_occupancy(const FwdArgs& args);
 
 namespace {
+
+// 1 in the sm_90a code of this library, 0 in every other target's: tells whether the current
+// device runs the wgmma kernels (an sm90 device could be running code built for sm80).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ int g_sm90a_code = 1;
+#else
+__device__ int g_sm90a_code = 0;
+#endif
+
+bool device_runs_sm90a_code() {
+  constexpr int kMaxDevices = 64;
+  static int8_t known[kMaxDevices] = {};  // 0 unknown, 1 yes, -1 no
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  if (device < kMaxDevices && known[device] != 0) return known[device] > 0;
+  int major = 0, minor = 0, flag = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
+  if (major == 9 && minor == 0) {
+    check_cuda(cudaMemcpyFromSymbol(&flag, g_sm90a_code, sizeof(int)), "cudaMemcpyFromSymbol(g_sm90a_code)");
+  }
+  if (device < kMaxDevices) known[device] = flag == 1 ? 1 : -1;
+  return flag == 1;
+}
+
+// Whether a forward call runs on the Hopper kernel: an sm90 device with sm_90a code, a head-dim
+// bucket it has (64, 128, 192, 256), more than 64 packed rows (fewer go to the decode kernels), and
+// none of softcap, ALiBi or dropout. FLASH_ATTN_CUDA_HOPPER=0 (or FLASH_ATTN_CUDA_SIMT=1) turns it off,
+// so that the sm80-class kernels stay testable on an H100.
+bool hopper_fwd_supported(const FlashFwdParams& p) {
+  const char* hopper = std::getenv("FLASH_ATTN_CUDA_HOPPER");
+  if ((hopper != nullptr && hopper[0] == '0') || env_flag("FLASH_ATTN_CUDA_SIMT")) return false;
+  bool whole_rows = false;  // the head-dim bucket fills the 128-byte swizzle rows
+  dispatch_head_dim(p.head_dim, [&](auto d) { whole_rows = decltype(d)::value % 64 == 0; });
+  if (!whole_rows) return false;
+  const int group = p.heads_q / p.heads_kv;
+  return static_cast<int64_t>(p.seqlen_q) * group > 64 && p.softcap == 0.f && p.alibi_slopes == nullptr &&
+         p.dropout_p == 0.f && p.softmax_scale > 0.f && device_runs_sm90a_code();
+}
 
 template <int D>
 constexpr size_t fwd_smem_bytes() {
@@ -273,9 +317,16 @@ int split_heuristic(const FlashFwdParams& p) {
   FwdOccupancy occ{static_cast<int64_t>(ceil_div(p.seqlen_q * group, kBlockM)) * p.heads_kv * p.batch, 1};
   if (!env_flag("FLASH_ATTN_CUDA_SIMT")) {
     const FwdArgs args{p, make_score_args(p), 1};
+    const bool hopper = hopper_fwd_supported(p);
     dispatch_dtype(p.dtype, [&](auto t) {
       using T = decltype(t);
-      dispatch_head_dim(p.head_dim, [&](auto d) { occ = fwd_mma_occupancy<T, decltype(d)::value>(args); });
+      dispatch_head_dim(p.head_dim, [&](auto d) {
+        constexpr int D = decltype(d)::value;
+        if constexpr (D % 64 == 0) {
+          if (hopper) return void(occ = fwd_wgmma_occupancy<T, D>(args));
+        }
+        occ = fwd_mma_occupancy<T, D>(args);
+      });
     });
   }
   const int n_blocks = ceil_div(p.seqlen_k, kBlockN);
@@ -298,11 +349,25 @@ int split_heuristic(const FlashFwdParams& p) {
   return 1;
 }
 
+// Launches the Hopper kernel when it takes the call.
+template <typename T, int D>
+bool launched_fwd_wgmma(const FwdArgs& args, cudaStream_t stream) {
+  if constexpr (D % 64 == 0) {
+    if (hopper_fwd_supported(args.p)) {
+      launch_fwd_wgmma<T, D>(args, stream);
+      return true;
+    }
+  }
+  return false;
+}
+
 template <typename T, int D>
 void launch_fwd(const FwdArgs& args, cudaStream_t stream) {
   const FlashFwdParams& p = args.p;
   const int rows = p.seqlen_q * args.s.group;
-  if (!env_flag("FLASH_ATTN_CUDA_SIMT")) {
+  if (launched_fwd_wgmma<T, D>(args, stream)) {
+    // Hopper kernel
+  } else if (!env_flag("FLASH_ATTN_CUDA_SIMT")) {
     launch_fwd_mma<T, D>(args, stream);
   } else {
     constexpr size_t smem = fwd_smem_bytes<D>();
@@ -336,6 +401,12 @@ size_t fwd_workspace_bytes(const FlashFwdParams& params) {
   if (splits <= 1) return 0;
   const size_t rows = static_cast<size_t>(splits) * params.batch * params.heads_q * params.seqlen_q;
   return rows * (static_cast<size_t>(params.head_dim) + 1) * sizeof(float);
+}
+
+const char* fwd_kernel_name(const FlashFwdParams& params) {
+  detail::validate_common(params, "fwd_kernel_name");
+  if (detail::hopper_fwd_supported(params)) return "wgmma";
+  return detail::env_flag("FLASH_ATTN_CUDA_SIMT") ? "simt" : "mma";
 }
 
 void run_fwd(const FlashFwdParams& params, void* stream) {

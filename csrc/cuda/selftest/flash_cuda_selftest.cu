@@ -5,10 +5,12 @@
 //   nvcc -std=c++17 -O2 --expt-relaxed-constexpr -arch=sm_90a -I csrc csrc/cuda/selftest/flash_cuda_selftest.cu \
 //        csrc/cuda/flash_fwd.cu csrc/cuda/flash_bwd.cu csrc/cuda/instantiations/*.cu -o /tmp/flash_selftest
 //   /tmp/flash_selftest            # every case; exit status 1 when one fails
+//   FLASH_SELFTEST_ONLY=wgmma /tmp/flash_selftest   # the cases whose name contains "wgmma"
 // (ci/gpu-kernel-check.sh builds it one object per translation unit in parallel and runs it.)
 //
-// Each forward case runs on the tensor-core kernel and on the SIMT kernel (FLASH_ATTN_CUDA_SIMT=1),
-// each backward case on the SIMT kernels and, where they apply, the tensor-core ones (the default).
+// Each forward case runs on the SIMT kernel (FLASH_ATTN_CUDA_SIMT=1), the sm80-class tensor-core kernel
+// (FLASH_ATTN_CUDA_HOPPER=0) and, where it takes the call on this device, the Hopper kernel; each
+// backward case on the SIMT kernels and, where they apply, the tensor-core ones (the default).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -334,8 +336,13 @@ void run_case(const Case& c) {
   p.num_splits = c.num_splits;
 
   const double tol_out = c.dtype == DType::kFloat16 ? 4e-3 : 2e-2;
-  for (int simt = 0; simt < 2; ++simt) {
-    setenv("FLASH_ATTN_CUDA_SIMT", simt ? "1" : "0", 1);
+  // Forward modes: SIMT, the sm80-class tensor-core kernels, and the default (the Hopper kernel
+  // where it takes the call; skipped where the default is the sm80-class kernel again).
+  for (int mode = 0; mode < 3; ++mode) {
+    setenv("FLASH_ATTN_CUDA_SIMT", mode == 0 ? "1" : "0", 1);
+    setenv("FLASH_ATTN_CUDA_HOPPER", mode == 1 ? "0" : "1", 1);
+    const std::string kernel = flash::cuda::fwd_kernel_name(p);
+    if (mode == 2 && kernel != "wgmma") continue;
     flash::FlashFwdParams fp = p;
     fp.num_splits = flash::cuda::fwd_num_splits(fp);
     float* accum = nullptr;
@@ -369,7 +376,7 @@ void run_case(const Case& c) {
       }
     }
     char label[32];
-    std::snprintf(label, sizeof(label), "out/%s/s%d", simt ? "simt" : "mma", fp.num_splits);
+    std::snprintf(label, sizeof(label), "out/%s/s%d", kernel.c_str(), fp.num_splits);
     report(c, label, rel_err(out, ref.out), tol_out);
     report(c, "lse", lse_err, 1e-3);
   }
@@ -466,6 +473,22 @@ int main() {
   { Case c = make("sq=8 long k d=256 window", 1, 8, 400, 2, 1, 256); c.wl = 300; c.wr = 0; c.bwd = false; cases.push_back(c); }
   { Case c = make("d=8", 1, 40, 50, 2, 2, 8); cases.push_back(c); }
   { Case c = make("d=200 window", 1, 50, 80, 2, 1, 200); c.wl = 20; c.wr = 3; cases.push_back(c); }
+  // More than 64 packed rows at head-dim buckets 64/128/192/256: the Hopper kernel's calls (on sm90).
+  { Case c = make("wgmma paged page=16 gqa 4/2 causal d=128", 2, 100, 300, 4, 2, 128); c.causal = true; c.page_size = 16; c.seqused = {300, 250}; c.bwd = false; cases.push_back(c); }
+  { Case c = make("wgmma paged page=256 d=64", 2, 130, 600, 2, 2, 64); c.page_size = 256; c.seqused = {600, 333}; c.bwd = false; cases.push_back(c); }
+  { Case c = make("wgmma window(40,0) mqa 4/1 d=192", 1, 150, 150, 4, 1, 192); c.wl = 40; c.wr = 0; c.bwd = false; cases.push_back(c); }
+  { Case c = make("wgmma splits=2 sinks d=128", 1, 70, 600, 2, 2, 128); c.num_splits = 2; c.sinks = true; c.bwd = false; cases.push_back(c); }
+  { Case c = make("wgmma d=120 causal", 1, 200, 260, 1, 1, 120); c.causal = true; c.bwd = false; cases.push_back(c); }
+  { Case c = make("wgmma leftpad+cache_batch_idx d=256", 2, 90, 150, 2, 2, 256); c.leftpad = {7, 0}; c.cache_batch_idx = true; c.causal = true; c.bwd = false; cases.push_back(c); }
+  {
+    Case c = make("wgmma varlen causal d=128", 4, 1, 1, 2, 2, 128);
+    c.varlen = true;
+    c.sq = {0, 130, 64, 257};
+    c.sk = {5, 200, 64, 300};
+    c.causal = true;
+    c.bwd = false;
+    cases.push_back(c);
+  }
   {
     Case c = make("varlen", 4, 1, 1, 4, 2, 64);
     c.varlen = true;
@@ -514,7 +537,10 @@ int main() {
     c.bwd = false;
     cases.push_back(c);
   }
+  // FLASH_SELFTEST_ONLY=<text>: only the cases whose name contains it (a small grid for the sanitizers).
+  const char* only = std::getenv("FLASH_SELFTEST_ONLY");
   for (const Case& base : cases) {
+    if (only != nullptr && base.name.find(only) == std::string::npos) continue;
     for (DType dt : {DType::kBFloat16, DType::kFloat16}) {
       Case c = base;
       c.dtype = dt;

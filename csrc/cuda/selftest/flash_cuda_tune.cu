@@ -16,6 +16,16 @@
 #include "check_cuda.h"
 #include "flash_api.h"
 
+namespace flash {
+namespace cuda {
+namespace detail {
+// The Hopper forward, explicitly instantiated in instantiations/flash_fwd_wgmma_hdim*.cu.
+template <typename T, int D>
+void launch_fwd_wgmma(const FwdArgs& args, cudaStream_t stream);
+}  // namespace detail
+}  // namespace cuda
+}  // namespace flash
+
 namespace {
 
 using namespace flash::cuda::detail;
@@ -93,6 +103,9 @@ int main() {
       {"w4 mt2 bn64 plain", 128, launch_fwd_mma_config<T, 128, 4, 2, 64, true>},
       {"w4 mt1 bn32 general", 256, launch_fwd_mma_config<T, 256, 4, 1, 32, false>},
       {"w4 mt1 bn32 plain", 256, launch_fwd_mma_config<T, 256, 4, 1, 32, true>},
+      {"wgmma (sm90a)", 64, launch_fwd_wgmma<T, 64>},
+      {"wgmma (sm90a)", 128, launch_fwd_wgmma<T, 128>},
+      {"wgmma (sm90a)", 256, launch_fwd_wgmma<T, 256>},
         };
   const int tokens = 16384, hidden = 2048;
   std::mt19937 rng(0);
@@ -134,10 +147,15 @@ int main() {
         bp.workspace = workspace;
         const double flops = 4.0 * shape.batch * seqlen * static_cast<double>(seqlen) * shape.heads * d / (causal ? 2 : 1);
         const float fwd_ms = time_ms([&] { flash::cuda::run_fwd(fp, nullptr); });
+        const std::string fwd_kernel = flash::cuda::fwd_kernel_name(fp);
+        setenv("FLASH_ATTN_CUDA_HOPPER", "0", 1);
+        const float mma_ms = time_ms([&] { flash::cuda::run_fwd(fp, nullptr); });
+        unsetenv("FLASH_ATTN_CUDA_HOPPER");
         const float bwd_ms = time_ms([&] { flash::cuda::run_bwd(bp, nullptr); });
         bp.deterministic = true;
         const float det_ms = time_ms([&] { flash::cuda::run_bwd(bp, nullptr); });
-        std::printf("%-10s %4d %6d %6d %9.3f %9.1f\n", "run_fwd", d, seqlen, causal, fwd_ms, flops / fwd_ms / 1e9);
+        std::printf("%-10s %4d %6d %6d %9.3f %9.1f\n", ("fwd " + fwd_kernel).c_str(), d, seqlen, causal, fwd_ms, flops / fwd_ms / 1e9);
+        if (fwd_kernel != "mma") std::printf("%-10s %4d %6d %6d %9.3f %9.1f\n", "fwd mma", d, seqlen, causal, mma_ms, flops / mma_ms / 1e9);
         std::printf("%-10s %4d %6d %6d %9.3f %9.1f\n", "run_bwd", d, seqlen, causal, bwd_ms, 2.5 * flops / bwd_ms / 1e9);
         std::printf("%-10s %4d %6d %6d %9.3f %9.1f\n", "bwd_det", d, seqlen, causal, det_ms, 2.5 * flops / det_ms / 1e9);
       }
