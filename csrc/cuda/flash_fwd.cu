@@ -4,12 +4,14 @@
 // of query head h = hk * group + r % group, so a CTA loads each K/V tile once for all the query
 // heads that share it (decode with GQA fills a whole tile from one query row).
 //
-// Two kernels with the same contract: fwd_mma_kernel (tensor cores, flash_fwd_mma.cuh) runs by
-// default; fwd_kernel (SIMT, fp32 math, the straightforward reference) runs when the environment
-// sets FLASH_ATTN_CUDA_SIMT=1. Both cover every feature of FlashFwdParams. Split-KV: with
-// num_splits > 1 each split handles a contiguous share of the CTA's key blocks and writes its
-// normalized partial output and log-sum-exp (without the sink) to out_accum / lse_accum; a
-// combine kernel merges the splits, adds the sink and writes out and softmax_lse.
+// Kernels with the same contract: fwd_mma_kernel (tensor cores, flash_fwd_mma.cuh) runs by
+// default; on sm90 fwd_wgmma_kernel (hopper/flash_fwd_wgmma.cuh) runs ahead of it for the calls it
+// takes (hopper_fwd_supported); fwd_kernel (SIMT, fp32 math, the straightforward reference) runs
+// when the environment sets FLASH_ATTN_CUDA_SIMT=1. The mma and SIMT kernels cover every feature of
+// FlashFwdParams. Split-KV: with num_splits > 1 each split handles a contiguous share of the CTA's
+// key blocks and writes its normalized partial output and log-sum-exp (without the sink) to
+// out_accum / lse_accum; a combine kernel merges the splits, adds the sink and writes out and
+// softmax_lse.
 #include <algorithm>
 #include <cmath>
 

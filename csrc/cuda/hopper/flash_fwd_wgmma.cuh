@@ -1,10 +1,10 @@
 // Hopper forward (sm90a, warpgroup MMA): one CTA of two warpgroups per (128 packed query rows, KV
-// head, batch[, split]); each warpgroup owns 64 rows. Q and double-buffered K/V tiles are copied
-// with cp.async into the 128-byte swizzled layout wgmma reads from shared memory, S = Q K^T is a
-// shared-memory x shared-memory wgmma, and O += P V takes P from registers (the S accumulators
-// converted in place: wgmma's accumulator layout is mma.sync's C fragment, its register A operand
-// mma.sync's A fragment). The softmax, masks and epilogue are those of the sm80-class kernel
-// (flash_fwd_mma.cuh), on two rows per thread.
+// head, batch[, split]), two CTAs per SM at head dim 64; each warpgroup owns 64 rows. Q and a
+// ring of K/V tiles are copied with cp.async into the 128-byte swizzled layout wgmma reads from
+// shared memory, S = Q K^T is a shared-memory x shared-memory wgmma, and O += P V takes P from
+// registers (the S accumulators converted in place: wgmma's accumulator layout is mma.sync's C
+// fragment, its register A operand mma.sync's A fragment). The softmax, masks and epilogue are
+// those of the sm80-class kernel (flash_fwd_mma.cuh), on two rows per thread.
 //
 // Calls it takes (hopper_fwd_supported, flash_fwd.cu): head-dim buckets 64, 128, 192 and 256,
 // more than 64 packed rows, no softcap, ALiBi or dropout, softmax_scale > 0; every other call runs
@@ -19,22 +19,28 @@ namespace flash {
 namespace cuda {
 namespace detail {
 
-template <int D>
+// Tile shape of a head-dim bucket D: kWarpgroups x 64 query rows, BN keys per tile, kCtas CTAs per
+// SM (shared memory and registers are split between them).
+// Defaults (measured with the alternatives in flash_cuda_tune.cu): at head dim 64 two CTAs of 64-key
+// tiles per SM (128 registers, no spill), whose independent barriers keep the tensor cores fed better
+// than one CTA of three warpgroups; at 128 one CTA of 128-key tiles; above, 64-key tiles so that the S
+// accumulators (BN / 2 registers) next to O's (D / 2) stay under 255.
+template <int D, int kWarpgroups_ = 2, int BN = (D == 128 ? 128 : 64), int kCtas = (D <= 64 ? 2 : 1)>
 struct FwdWgmmaConfig {
   static_assert(D % 64 == 0 && D <= 256, "head-dim bucket: whole 128-byte swizzle rows");
-  // Warpgroups (64 query rows each): three at head dim 64, whose products are short next to the
-  // softmax (its registers fit the 168 of a 384-thread block), else two.
-  static constexpr int kWarpgroups = D <= 64 ? 3 : 2;
+  static constexpr int kWarpgroups = kWarpgroups_;
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int kBlockM = 64 * kWarpgroups;
-  // Keys per tile: the S accumulators (BN / 2 registers) next to O's (D / 2) stay under 255.
-  static constexpr int kBlockN = D <= 128 ? 128 : 64;
+  static constexpr int kBlockN = BN;
+  static constexpr int kCtasPerSm = kCtas;
   static constexpr uint32_t kQBytes = kBlockM * D * 2;
   static constexpr uint32_t kKVBytes = kBlockN * D * 2;  // one K or V tile
-  // K/V buffers each: three (loads two tiles ahead) where they fit next to Q in the 227 KB of an
-  // sm90 block, else two. + 1 KB to align the tiles to the swizzle pattern's 1024-byte period.
-  static constexpr int kStages = kQBytes + 6 * kKVBytes + 1024 <= 227 * 1024 ? 3 : 2;
+  // K/V buffers each: three (loads two tiles ahead) where they fit next to Q in an sm90 SM's 228 KB
+  // (1 KB of it reserved per CTA), else two. + 1 KB to align the tiles to the swizzle period.
+  static constexpr size_t kSmemLimit = 228 * 1024 / kCtas - 1024;
+  static constexpr int kStages = kQBytes + 6 * kKVBytes + 1024 <= kSmemLimit ? 3 : 2;
   static constexpr size_t kSmemBytes = kQBytes + 2 * kStages * kKVBytes + 1024;
+  static_assert(kSmemBytes <= kSmemLimit, "tiles fit the shared memory");
 };
 
 // ---- 128-byte swizzled tiles ----------------------------------------------------------------
@@ -152,18 +158,17 @@ __device__ __forceinline__ float tree_reduce(float* x, Op op) {
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(FwdWgmmaConfig<D>::kThreads, 1) fwd_wgmma_kernel(const FwdArgs args) {
+template <typename T, int D, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kernel(const FwdArgs args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Cfg = FwdWgmmaConfig<D>;
   constexpr int kStages = Cfg::kStages;
   constexpr int NT = Cfg::kThreads;
   constexpr int BM = Cfg::kBlockM;
   constexpr int BN = Cfg::kBlockN;
   constexpr int kNT = BN / 8;  // 8-key column tiles of S
   constexpr int kDT = D / 8;   // 8-column tiles of O
-  extern __shared__ __align__(16) uint8_t smem_raw[];
-  const uint32_t sQ = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  extern __shared__ __align__(16) uint8_t wgmma_smem[];
+  const uint32_t sQ = (smem_addr(wgmma_smem) + 1023u) & ~1023u;
   const uint32_t sK = sQ + Cfg::kQBytes;             // [kStages] K tiles
   const uint32_t sV = sK + kStages * Cfg::kKVBytes;  // [kStages] V tiles
 
@@ -439,21 +444,28 @@ __global__ void __launch_bounds__(FwdWgmmaConfig<D>::kThreads, 1) fwd_wgmma_kern
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
-template <typename T, int D>
-void launch_fwd_wgmma(const FwdArgs& args, cudaStream_t stream) {
-  using Cfg = FwdWgmmaConfig<D>;
-  set_smem(fwd_wgmma_kernel<T, D>, Cfg::kSmemBytes, "cudaFuncSetAttribute(fwd_wgmma_kernel)");
+template <typename T, int D, typename Cfg>
+void launch_fwd_wgmma_config(const FwdArgs& args, cudaStream_t stream) {
+  auto kernel = fwd_wgmma_kernel<T, D, Cfg>;
+  set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute(fwd_wgmma_kernel)");
   const FlashFwdParams& p = args.p;
   const dim3 grid(ceil_div(p.seqlen_q * args.s.group, Cfg::kBlockM), p.heads_kv * args.num_splits, p.batch);
-  fwd_wgmma_kernel<T, D><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
   check_launch("fwd_wgmma_kernel launch");
 }
 
-// CTAs of one split of a call; the kernel runs one CTA per SM (for the split heuristic).
+// Explicitly instantiated once per head-dim bucket (instantiations/flash_fwd_wgmma_hdim*.cu).
+template <typename T, int D>
+void launch_fwd_wgmma(const FwdArgs& args, cudaStream_t stream) {
+  launch_fwd_wgmma_config<T, D, FwdWgmmaConfig<D>>(args, stream);
+}
+
+// CTAs of one split of a call and CTAs per SM (for the split heuristic).
 template <typename T, int D>
 FwdOccupancy fwd_wgmma_occupancy(const FwdArgs& args) {
+  using Cfg = FwdWgmmaConfig<D>;
   const FlashFwdParams& p = args.p;
-  return {static_cast<int64_t>(ceil_div(p.seqlen_q * args.s.group, FwdWgmmaConfig<D>::kBlockM)) * p.heads_kv * p.batch, 1};
+  return {static_cast<int64_t>(ceil_div(p.seqlen_q * args.s.group, Cfg::kBlockM)) * p.heads_kv * p.batch, Cfg::kCtasPerSm};
 }
 
 }  // namespace detail

@@ -13,18 +13,9 @@
 #include <vector>
 
 #include "cuda/flash_fwd_mma.cuh"
+#include "cuda/hopper/flash_fwd_wgmma.cuh"
 #include "check_cuda.h"
 #include "flash_api.h"
-
-namespace flash {
-namespace cuda {
-namespace detail {
-// The Hopper forward, explicitly instantiated in instantiations/flash_fwd_wgmma_hdim*.cu.
-template <typename T, int D>
-void launch_fwd_wgmma(const FwdArgs& args, cudaStream_t stream);
-}  // namespace detail
-}  // namespace cuda
-}  // namespace flash
 
 namespace {
 
@@ -104,6 +95,8 @@ int main() {
       {"w4 mt1 bn32 general", 256, launch_fwd_mma_config<T, 256, 4, 1, 32, false>},
       {"w4 mt1 bn32 plain", 256, launch_fwd_mma_config<T, 256, 4, 1, 32, true>},
       {"wgmma (sm90a)", 64, launch_fwd_wgmma<T, 64>},
+      {"wgmma wg3 bn128", 64, launch_fwd_wgmma_config<T, 64, FwdWgmmaConfig<64, 3, 128, 1>>},
+      {"wgmma wg1 bn128 2/SM", 64, launch_fwd_wgmma_config<T, 64, FwdWgmmaConfig<64, 1, 128, 2>>},
       {"wgmma (sm90a)", 128, launch_fwd_wgmma<T, 128>},
       {"wgmma (sm90a)", 256, launch_fwd_wgmma<T, 256>},
         };
