@@ -64,11 +64,8 @@ __global__ void __launch_bounds__(kThreads, 1) dq_mma_kernel(const BwdArgs args)
   const int i_lo = r0 / group;
   const int i_hi = (min(r0 + BM, rows) - 1) / group;
   const int offset = si.sk - si.sq;
-  int j_begin = 0, j_end = si.sk;
-  if (sa.window_right >= 0) j_end = min(j_end, i_hi + offset + sa.window_right + 1);
-  if (sa.window_left >= 0) j_begin = max(j_begin, i_lo + offset - sa.window_left);
-  const int n_begin = j_begin / BN;
-  const int n_end = j_end > j_begin ? ceil_div(j_end, BN) : n_begin;
+  const KeyBlocks blocks = visible_key_blocks(sa, si, i_lo, i_hi, BN);
+  const int n_begin = blocks.begin, n_end = blocks.end;
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;

@@ -214,6 +214,27 @@ __device__ __forceinline__ bool visible(const ScoreArgs& a, int i, int j, int sq
   return true;
 }
 
+// Key blocks [begin, end) of bn keys holding a key that some query row i_lo .. i_hi may see under the
+// window bounds; the kernels mask the single (row, key) pairs, and keys past sk, per element.
+struct KeyBlocks {
+  int begin, end;
+};
+__device__ __forceinline__ KeyBlocks visible_key_blocks(const ScoreArgs& a, const SeqInfo& si, int i_lo, int i_hi,
+                                                        int bn) {
+  const int offset = si.sk - si.sq;
+  int j_begin = 0, j_end = si.sk;
+  if (a.window_right >= 0) j_end = min(j_end, i_hi + offset + a.window_right + 1);
+  if (a.window_left >= 0) j_begin = max(j_begin, i_lo + offset - a.window_left);
+  const int n_begin = j_begin / bn;
+  return {n_begin, j_end > j_begin ? ceil_div(j_end, bn) : n_begin};
+}
+// Split `split` of `splits` contiguous, equal shares of the blocks (the last ones may be short or empty).
+__device__ __forceinline__ KeyBlocks split_share(KeyBlocks blocks, int split, int splits) {
+  const int per_split = ceil_div(blocks.end - blocks.begin, splits);
+  const int lo = min(blocks.end, blocks.begin + split * per_split);
+  return {lo, min(blocks.end, lo + per_split)};
+}
+
 // Scaled score -> modified score (softcap, then ALiBi). `dcap` receives d(modified)/d(scaled).
 __device__ __forceinline__ float modify_score(const ScoreArgs& a, float x, float slope, int i, int j, int sq,
                                               int sk, float& dcap) {

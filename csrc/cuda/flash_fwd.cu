@@ -6,7 +6,7 @@
 //
 // Kernels with the same contract: fwd_mma_kernel (tensor cores, flash_fwd_mma.cuh) runs by
 // default; on sm90 fwd_wgmma_kernel (hopper/flash_fwd_wgmma.cuh) runs ahead of it for the calls it
-// takes (hopper_fwd_supported); fwd_kernel (SIMT, fp32 math, the straightforward reference) runs
+// takes (choose_fwd_kernel); fwd_kernel (SIMT, fp32 math, the straightforward reference) runs
 // when the environment sets FLASH_ATTN_CUDA_SIMT=1. The mma and SIMT kernels cover every feature of
 // FlashFwdParams. Split-KV: with num_splits > 1 each split handles a contiguous share of the CTA's
 // key blocks and writes its normalized partial output and log-sum-exp (without the sink) to
@@ -72,6 +72,13 @@ bool hopper_fwd_supported(const FlashFwdParams& p) {
   const int group = p.heads_q / p.heads_kv;
   return static_cast<int64_t>(p.seqlen_q) * group > 64 && p.softcap == 0.f && p.alibi_slopes == nullptr &&
          p.dropout_p == 0.f && p.softmax_scale > 0.f && device_runs_sm90a_code();
+}
+
+// The forward kernel a call runs on (fwd_kernel_name reports it).
+enum class FwdKernel { kWgmma, kMma, kSimt };
+FwdKernel choose_fwd_kernel(const FlashFwdParams& p) {
+  if (hopper_fwd_supported(p)) return FwdKernel::kWgmma;
+  return env_flag("FLASH_ATTN_CUDA_SIMT") ? FwdKernel::kSimt : FwdKernel::kMma;
 }
 
 template <int D>
@@ -317,15 +324,15 @@ int device_sm_count() {
 int split_heuristic(const FlashFwdParams& p) {
   const int group = p.heads_q / p.heads_kv;
   FwdOccupancy occ{static_cast<int64_t>(ceil_div(p.seqlen_q * group, kBlockM)) * p.heads_kv * p.batch, 1};
-  if (!env_flag("FLASH_ATTN_CUDA_SIMT")) {
+  const FwdKernel kernel = choose_fwd_kernel(p);
+  if (kernel != FwdKernel::kSimt) {
     const FwdArgs args{p, make_score_args(p), 1};
-    const bool hopper = hopper_fwd_supported(p);
     dispatch_dtype(p.dtype, [&](auto t) {
       using T = decltype(t);
       dispatch_head_dim(p.head_dim, [&](auto d) {
         constexpr int D = decltype(d)::value;
-        if constexpr (D % 64 == 0) {
-          if (hopper) return void(occ = fwd_wgmma_occupancy<T, D>(args));
+        if constexpr (D % 64 == 0) {  // the Hopper kernel's buckets
+          if (kernel == FwdKernel::kWgmma) return void(occ = fwd_wgmma_occupancy<T, D>(args));
         }
         occ = fwd_mma_occupancy<T, D>(args);
       });
@@ -351,27 +358,17 @@ int split_heuristic(const FlashFwdParams& p) {
   return 1;
 }
 
-// Launches the Hopper kernel when it takes the call.
-template <typename T, int D>
-bool launched_fwd_wgmma(const FwdArgs& args, cudaStream_t stream) {
-  if constexpr (D % 64 == 0) {
-    if (hopper_fwd_supported(args.p)) {
-      launch_fwd_wgmma<T, D>(args, stream);
-      return true;
-    }
-  }
-  return false;
-}
-
 template <typename T, int D>
 void launch_fwd(const FwdArgs& args, cudaStream_t stream) {
   const FlashFwdParams& p = args.p;
   const int rows = p.seqlen_q * args.s.group;
-  if (launched_fwd_wgmma<T, D>(args, stream)) {
-    // Hopper kernel
-  } else if (!env_flag("FLASH_ATTN_CUDA_SIMT")) {
+  const FwdKernel kernel = choose_fwd_kernel(p);
+  if constexpr (D % 64 == 0) {  // the Hopper kernel's buckets (hopper_fwd_supported)
+    if (kernel == FwdKernel::kWgmma) launch_fwd_wgmma<T, D>(args, stream);
+  }
+  if (kernel == FwdKernel::kMma) {
     launch_fwd_mma<T, D>(args, stream);
-  } else {
+  } else if (kernel == FwdKernel::kSimt) {
     constexpr size_t smem = fwd_smem_bytes<D>();
     set_smem(fwd_kernel<T, D>, smem, "cudaFuncSetAttribute(fwd_kernel)");
     const dim3 grid(ceil_div(rows, kBlockM), p.heads_kv * args.num_splits, p.batch);
@@ -407,8 +404,11 @@ size_t fwd_workspace_bytes(const FlashFwdParams& params) {
 
 const char* fwd_kernel_name(const FlashFwdParams& params) {
   detail::validate_common(params, "fwd_kernel_name");
-  if (detail::hopper_fwd_supported(params)) return "wgmma";
-  return detail::env_flag("FLASH_ATTN_CUDA_SIMT") ? "simt" : "mma";
+  switch (detail::choose_fwd_kernel(params)) {
+    case detail::FwdKernel::kWgmma: return "wgmma";
+    case detail::FwdKernel::kSimt: return "simt";
+    default: return "mma";
+  }
 }
 
 void run_fwd(const FlashFwdParams& params, void* stream) {

@@ -194,14 +194,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
   const int i_lo = gs.row(r0);
   const int i_hi = gs.row(min(r0 + BM, rows) - 1);
   const int offset = si.sk - si.sq;
-  int j_begin = 0, j_end = si.sk;
-  if (sa.window_right >= 0) j_end = min(j_end, i_hi + offset + sa.window_right + 1);
-  if (sa.window_left >= 0) j_begin = max(j_begin, i_lo + offset - sa.window_left);
-  const int n_begin = j_begin / BN;
-  const int n_end = j_end > j_begin ? ceil_div(j_end, BN) : n_begin;
-  const int per_split = ceil_div(n_end - n_begin, args.num_splits);
-  const int n_lo = min(n_end, n_begin + split * per_split);
-  const int n_hi = min(n_end, n_lo + per_split);
+  const KeyBlocks blocks = split_share(visible_key_blocks(sa, si, i_lo, i_hi, BN), split, args.num_splits);
+  const int n_lo = blocks.begin, n_hi = blocks.end;
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
