@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call (600 s) on the H100: build this machine's variant (sm_90a only), then the attention
+# One device call (600 s) on an H100 / H200: build this machine's variant (sm_90a only), then the attention
 # benchmark in stages that each stop starting points when their budget is spent, most important
 # first: decode; bf16 fwd/bwd against SDPA's backends and eager; fp16; bf16 fwd+bwd; FlexAttention
 # last (its compiles are the least predictable cost). All stages append to one results file.
@@ -9,8 +9,7 @@
 # Results: benchmarks/results/$BENCH_NAME.{json,md} and PNGs, archived in $OUT/results.tgz after each stage.
 set -uo pipefail
 . "$(dirname "$0")/gpu-env.sh"
-NAME=${BENCH_NAME:-h100-attention-$(date -u +%F)}
-LABEL=${BENCH_LABEL:-flash-attn-kernel[cuda]}
+NAME=${BENCH_NAME:-$(card)-attention-$(date -u +%F)}
 SEQLENS=${SEQLENS:-512,2048,8192,16384}
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
@@ -20,16 +19,6 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 echo "build done, $(left) s left"
 
-bench() {  # bench BUDGET_S ARGS...: one stage, appended to $NAME; killed 60 s after its budget at the latest
-  local b; b=$(budget "$1"); shift
-  if [ "$b" -le 10 ]; then echo "skipping stage ($b s left): $*"; return; fi
-  echo "== stage (${b} s): $*"
-  # shellcheck disable=SC2086  # BENCH_EXTRA is a list of arguments
-  timeout -s TERM -k 10 $((b + 60 < $(left) - 15 ? b + 60 : $(left) - 15)) \
-    python3 -m flash_attn_kernel bench --device cuda --name "$NAME" --append --label "$LABEL" --time-budget "$b" "$@" ${BENCH_EXTRA:-} \
-    2>&1 | tee -a "$OUT/bench.log" | grep -v '^|' 
-  save
-}
 rm -f "benchmarks/results/$NAME.json"
 bench 40  --ops decode --dtypes bf16,fp16 --repeats 50
 bench 170 --ops fwd,bwd --dtypes bf16 --hdims 128,64,256 --seqlens "$SEQLENS" --repeats 20 --point-seconds 0.5 \

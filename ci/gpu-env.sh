@@ -1,4 +1,4 @@
-# Sourced by the device scripts (ci/gpu-bench.sh, ci/gpu-train.sh): the machine's own torch, the
+# Sourced by the device scripts (ci/gpu-bench.sh, ci/gpu-verify.sh, ci/gpu-train.sh): the machine's own torch, the
 # pipeline's missing packages from the wheels carried in .whl/ (installed into /tmp/site), a record
 # of card, driver, clocks and versions in $OUT/versions.txt, and a timer against the call's limit.
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -27,4 +27,21 @@ budget() { local want=$1 have; have=$(( $(left) - ${RESERVE_S:-30} )); echo $(( 
 save() {
   find benchmarks/results -type f -newer "$OUT/versions.txt" -print0 | tar -czf "$OUT/results.tgz" --null -T - 2>/dev/null
   true
+}
+
+# The card's short name for results files: h100, h200, ...
+card() { nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}'; }
+
+# bench BUDGET_S ARGS...: one benchmark stage appended to $NAME (results file) with label $LABEL,
+# killed 60 s after its budget at the latest; output in $OUT/bench.log, results saved after it.
+LABEL=${BENCH_LABEL:-flash-attn-kernel[cuda]}
+bench() {
+  local b; b=$(budget "$1"); shift
+  if [ "$b" -le 10 ]; then echo "skipping stage ($b s left): $*"; return; fi
+  echo "== stage (${b} s): $*"
+  # shellcheck disable=SC2086  # BENCH_EXTRA is a list of arguments
+  timeout -s TERM -k 10 $((b + 60 < $(left) - 15 ? b + 60 : $(left) - 15)) \
+    python3 -m flash_attn_kernel bench --device cuda --name "$NAME" --append --label "$LABEL" --time-budget "$b" "$@" ${BENCH_EXTRA:-} \
+    2>&1 | tee -a "$OUT/bench.log" | grep -v '^|'
+  save
 }

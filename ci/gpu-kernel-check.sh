@@ -34,11 +34,12 @@ if [ "${SKIP_TUNE:-0}" != 1 ]; then
   nvcc -o "$BUILD/flash_tune" "${library[@]}" "$BUILD/flash_cuda_tune.o" || exit 1
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee -a "$OUT/kernel-check.log"
+# Correctness first: the self-test, then the timings.
+"$BUILD/flash_selftest" 2>&1 | tee "$OUT/selftest.log" | grep -v -E "^ *ok" | tail -40
+selftest_rc=${PIPESTATUS[0]}
 if [ "${SKIP_TUNE:-0}" != 1 ]; then
   "$BUILD/flash_tune" 2>&1 | tee "$OUT/tune.log"
 fi
-"$BUILD/flash_selftest" 2>&1 | tee "$OUT/selftest.log" | grep -v -E "^ *ok" | tail -40
-selftest_rc=${PIPESTATUS[0]}
 if [ "${SANITIZE:-0}" = 1 ]; then
   for tool in memcheck racecheck synccheck; do
     FLASH_SELFTEST_ONLY=${SANITIZE_ONLY:-} compute-sanitizer --tool "$tool" "$BUILD/flash_selftest" >"$OUT/sanitizer-$tool.log" 2>&1

@@ -34,6 +34,9 @@ size_t fwd_workspace_bytes(const FlashFwdParams& params);
 // Which forward kernel run_fwd picks for params on the current device: "wgmma" (Hopper), "mma"
 // (sm80-class tensor cores) or "simt".
 const char* fwd_kernel_name(const FlashFwdParams& params);
+// Which backward kernels run_bwd picks for params on the current device: "wgmma" (Hopper), "mma"
+// (sm80-class tensor cores, fused or deterministic) or "simt".
+const char* bwd_kernel_name(const FlashBwdParams& params);
 // Bytes of FlashBwdParams::workspace the backward needs (any contents: run_bwd initializes what it reads).
 size_t bwd_workspace_bytes(const FlashBwdParams& params);
 }  // namespace cuda

@@ -59,10 +59,10 @@ def expected_philox(device: torch.device, dropout_p: float) -> tuple[int, int]:
     return seed, 0
 
 
-def _grads(loss_fn, leaves):
+def _grads(loss_fn, leaves, retain_graph=False):
     for t in leaves:
         t.grad = None
-    loss_fn().backward()
+    loss_fn().backward(retain_graph=retain_graph)
     return [t.grad for t in leaves]
 
 
@@ -161,6 +161,21 @@ _LONG = [
 ]
 
 
+def _long_inputs(features, head_dim, device, dtype, requires_grad):
+    """q, k, v (batch 1) of a _LONG case and the keyword arguments of its call."""
+    sq, sk = features["sq"], features["sk"]
+    hq, hk = features.get("hq", 2), features.get("hk", 2)
+    q, k, v = (torch.randn(1, n, h, head_dim, device=device, dtype=dtype, requires_grad=requires_grad)
+               for n, h in ((sq, hq), (sk, hk), (sk, hk)))
+    sinks = torch.randn(hq, device=device) * 2 if features.get("sinks") else None
+    if sinks is not None and requires_grad:
+        sinks.requires_grad_()
+    kw = dict(causal=features.get("causal", False), window_size=features.get("window", (-1, -1)),
+              softcap=features.get("softcap", 0.0), alibi_slopes=_alibi(features.get("alibi"), 1, hq, device),
+              dropout_p=features.get("dropout", 0.0), sinks=sinks)
+    return q, k, v, kw
+
+
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
 @pytest.mark.parametrize("head_dim", [64, 128, 40])
 @pytest.mark.parametrize("case", range(len(_LONG)))
@@ -174,31 +189,49 @@ def test_long_forward(device_kernel, dtype_name, head_dim, case, cuda_forward, m
         if device != "cuda":
             pytest.skip("CUDA forward paths only")
         monkeypatch.setenv("FLASH_ATTN_CUDA_HOPPER", "0")
-    features = _LONG[case]
     _seed("long", dtype_name, head_dim, case)
-    sq, sk = features["sq"], features["sk"]
-    hq, hk = features.get("hq", 2), features.get("hk", 2)
-    causal = features.get("causal", False)
-    window = features.get("window", (-1, -1))
-    softcap = features.get("softcap", 0.0)
-    dropout = features.get("dropout", 0.0)
-    q = torch.randn(1, sq, hq, head_dim, device=device, dtype=dtype)
-    k = torch.randn(1, sk, hk, head_dim, device=device, dtype=dtype)
-    v = torch.randn(1, sk, hk, head_dim, device=device, dtype=dtype)
-    alibi = _alibi(features.get("alibi"), 1, hq, device)
-    sinks = torch.randn(hq, device=device) * 2 if features.get("sinks") else None
-
-    seed, offset = expected_philox(q.device, dropout)
-    out, lse, _ = kernel.flash_attn_func(q, k, v, dropout_p=dropout, causal=causal, window_size=window,
-                                         softcap=softcap, alibi_slopes=alibi, return_attn_probs=True, sinks=sinks)
-    kw = dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=alibi, dropout_p=dropout,
-              philox_seed=seed, philox_offset=offset, sinks=sinks)
+    q, k, v, kw = _long_inputs(_LONG[case], head_dim, device, dtype, requires_grad=False)
+    seed, offset = expected_philox(q.device, kw["dropout_p"])
+    out, lse, _ = kernel.flash_attn_func(q, k, v, return_attn_probs=True, **kw)
+    kw.update(philox_seed=seed, philox_offset=offset)
     ref, ref_lse = attention_ref(q, k, v, compute_dtype=torch.float64, **kw)
     lowp, _ = attention_ref(q, k, v, compute_dtype=None, **kw)
     assert_close("out", out, ref, lowp, 2, FLOORS[dtype][0])
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite), "rows without keys must have lse = +inf, others finite"
     assert (lse[finite] - ref_lse[finite]).abs().max().item() <= 1e-3 * math.sqrt(head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 40])
+@pytest.mark.parametrize("case", range(len(_LONG)))
+@pytest.mark.parametrize("cuda_backward", ["default", "portable"])
+def test_long_backward(device_kernel, head_dim, case, cuda_backward, monkeypatch):
+    """Gradients of long sequences on each CUDA backward path (on sm90 the default is the Hopper
+    kernel; softcap, ALiBi and dropout cases fall back to the portable one), run twice: dK and dV
+    have no atomics and must come out bit-identical, so a race shows as a moving result."""
+    kernel, device = device_kernel
+    if cuda_backward == "portable":
+        if device != "cuda":
+            pytest.skip("CUDA backward paths only")
+        monkeypatch.setenv("FLASH_ATTN_CUDA_HOPPER", "0")
+    dtype = torch.bfloat16
+    _seed("long-bwd", head_dim, case)
+    q, k, v, kw = _long_inputs(_LONG[case], head_dim, device, dtype, requires_grad=True)
+    dout = torch.randn_like(q)
+    leaves = [q, k, v] + ([kw["sinks"]] if kw["sinks"] is not None else [])
+    seed, offset = expected_philox(q.device, kw["dropout_p"])
+    out = kernel.flash_attn_func(q, k, v, **kw)
+    runs = [_grads(lambda: (out.float() * dout.float()).sum(), leaves, retain_graph=True) for _ in range(2)]
+    kw.update(philox_seed=seed, philox_offset=offset)
+    ref, _ = attention_ref(q, k, v, compute_dtype=torch.float64, **kw)
+    g_ref = _grads(lambda: (ref * dout.double()).sum(), leaves)
+    lowp, _ = attention_ref(q, k, v, compute_dtype=None, **kw)
+    g_lowp = _grads(lambda: (lowp.float() * dout.float()).sum(), leaves)
+    floor_bwd = FLOORS[dtype][1]
+    for name, a, b, c in zip(("dq", "dk", "dv", "dsinks"), runs[0], g_ref, g_lowp):
+        assert_close(name, a, b, c, 3, floor_bwd * (10 if name == "dsinks" else 1))
+    for name, a, b in zip(("dk", "dv"), runs[0][1:3], runs[1][1:3]):
+        assert torch.equal(a, b), f"{name} moved between two runs on the same inputs (a race)"
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -1,10 +1,12 @@
 // Backward attention for the portable CUDA path:
 //   1. dot_do_o_kernel   Di = rowsum(dO_i * O_i) per (b, h, i), float32 in the workspace.
 //   2. dsinks_kernel     dsink_h = -sum_{b,i} exp(sink_h - lse_i) * Di, one CTA per head, fixed order.
-//   3. the tensor-core kernels (flash_bwd_mma.cuh) for calls without dropout: by default one pass
+//   3. on sm90, the Hopper kernel (hopper/flash_bwd_wgmma.cuh) for the calls it takes
+//      (hopper_bwd_supported): one wgmma pass per key block that accumulates dQ with float32 atomics.
+//   4. the tensor-core kernels (flash_bwd_mma.cuh) for calls without dropout: by default one pass
 //      per key block that also accumulates dQ with float32 atomics; deterministic calls (and SIMT)
 //      take dQ and dK/dV from two kernels without atomics, bit-identical from run to run.
-//   4. otherwise the SIMT kernels:
+//   5. otherwise the SIMT kernels:
 //      dq_kernel         one CTA per (packed query block, KV head, batch) walks the key blocks:
 //                        dQ_i = scale * sum_j dS_ij * cap'_ij * K_j.
 //      dkdv_kernel       one CTA per (key block, KV head, batch) walks the packed query rows of every
@@ -13,7 +15,7 @@
 // with P_ij = exp(s_ij - lse_i) recomputed from softmax_lse, Z_ij = keep / (1 - p) (dropout),
 // dP_ij = Z_ij * dO_i . V_j, dS_ij = P_ij (dP_ij - Di) and cap' = 1 - tanh^2 the softcap derivative.
 // Query rows are packed over the GQA group as in the forward (flash_fwd.cu). FLASH_ATTN_CUDA_SIMT=1
-// forces the SIMT kernels.
+// forces the SIMT kernels, FLASH_ATTN_CUDA_HOPPER=0 keeps sm90 devices on the sm80-class ones.
 #include "flash_common.cuh"
 #include "flash_api.h"
 
@@ -21,12 +23,35 @@ namespace flash {
 namespace cuda {
 namespace detail {
 
-// The tensor-core backward (flash_bwd_mma.cuh), instantiated per head dim in instantiations/;
-// false when it does not cover the call.
+// The tensor-core backward (flash_bwd_mma.cuh), instantiated per head dim in instantiations/, and
+// whether it covers a call.
 template <typename T, int D>
-bool launch_bwd_mma(const BwdArgs& args, cudaStream_t stream);
+void launch_bwd_mma(const BwdArgs& args, cudaStream_t stream);
+template <int D>
+bool bwd_mma_covers(const FlashBwdParams& p);
+// The Hopper backward (hopper/flash_bwd_wgmma.cuh), tile widths 64 and 128.
+template <typename T, int D>
+void launch_bwd_wgmma(const BwdArgs& args, cudaStream_t stream);
 
 namespace {
+
+// Whether a backward call runs on the Hopper kernel: the Hopper kernels are enabled, head dim in
+// (32, 128] (run at 64 or 128: dispatch_hopper_head_dim), and a fused call (not deterministic, no
+// dropout) without softcap or ALiBi, with softmax_scale > 0 (masked scores are -inf).
+bool hopper_bwd_supported(const FlashBwdParams& p) {
+  if (!hopper_kernels_enabled() || p.head_dim <= 32 || p.head_dim > 128) return false;
+  return bwd_fused_dq(p) && p.softcap == 0.f && p.alibi_slopes == nullptr && p.softmax_scale > 0.f;
+}
+
+// The backward kernels a call runs on (bwd_kernel_name reports it).
+enum class BwdKernel { kWgmma, kMma, kSimt };
+BwdKernel choose_bwd_kernel(const FlashBwdParams& p) {
+  if (env_flag("FLASH_ATTN_CUDA_SIMT")) return BwdKernel::kSimt;
+  if (hopper_bwd_supported(p)) return BwdKernel::kWgmma;
+  bool mma = false;
+  dispatch_head_dim(p.head_dim, [&](auto d) { mma = bwd_mma_covers<decltype(d)::value>(p); });
+  return mma ? BwdKernel::kMma : BwdKernel::kSimt;
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dot_do_o_kernel(const BwdArgs args) {
@@ -360,7 +385,20 @@ void launch_bwd(const BwdArgs& args, cudaStream_t stream) {
     dsinks_kernel<<<p.heads_q, 256, 0, stream>>>(args);
     check_launch("dsinks_kernel launch");
   }
-  if (!env_flag("FLASH_ATTN_CUDA_SIMT") && launch_bwd_mma<T, D>(args, stream)) return;
+  switch (choose_bwd_kernel(p)) {
+    case BwdKernel::kWgmma:  // head dims 33..128 (hopper_bwd_supported)
+      if (p.head_dim <= 64) {
+        launch_bwd_wgmma<T, 64>(args, stream);
+      } else {
+        launch_bwd_wgmma<T, 128>(args, stream);
+      }
+      return;
+    case BwdKernel::kMma:
+      launch_bwd_mma<T, D>(args, stream);
+      return;
+    case BwdKernel::kSimt:
+      break;
+  }
   if (p.seqlen_q > 0) {
     constexpr size_t smem = dq_smem_bytes<D>();
     set_smem(dq_kernel<T, D>, smem, "cudaFuncSetAttribute(dq_kernel)");
@@ -411,6 +449,15 @@ size_t bwd_workspace_bytes(const FlashBwdParams& params) {
   // float32 dQ.
   const size_t dq = detail::bwd_fused_dq(params) ? static_cast<size_t>(detail::dq_accum_floats(params)) : 0;
   return (static_cast<size_t>(detail::di_floats(params)) + dq) * sizeof(float);
+}
+
+const char* bwd_kernel_name(const FlashBwdParams& params) {
+  detail::validate_common(params, "bwd_kernel_name");
+  switch (detail::choose_bwd_kernel(params)) {
+    case detail::BwdKernel::kWgmma: return "wgmma";
+    case detail::BwdKernel::kMma: return "mma";
+    default: return "simt";
+  }
 }
 
 void run_bwd(const FlashBwdParams& params, void* stream) {

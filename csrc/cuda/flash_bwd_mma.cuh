@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_mma_kernel(const BwdArgs args)
   const int i_lo = r0 / group;
   const int i_hi = (min(r0 + BM, rows) - 1) / group;
   const int offset = si.sk - si.sq;
-  const KeyBlocks blocks = visible_key_blocks(sa, si, i_lo, i_hi, BN);
+  const BlockRange blocks = visible_key_blocks(sa, si, i_lo, i_hi, BN);
   const int n_begin = blocks.begin, n_end = blocks.end;
 
   const int tid = threadIdx.x;
@@ -294,13 +294,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
     }
   };
 
-  // Query rows that can see a key of this block, as packed rows, in steps of BR.
-  const int j_last = min(si.sk, j0 + BK) - 1;
-  int i_lo = 0, i_hi = si.sq - 1;
-  if (sa.window_right >= 0) i_lo = max(i_lo, j0 - offset - sa.window_right);
-  if (sa.window_left >= 0) i_hi = min(i_hi, j_last + sa.window_left - offset);
-  const int m_begin = i_lo <= i_hi ? i_lo * group / BR : 0;
-  const int m_end = i_lo <= i_hi ? ceil_div((i_hi + 1) * group, BR) : 0;
+  const BlockRange steps = visible_row_blocks(sa, si, j0, BK, BR);  // packed rows, in steps of BR
+  const int m_begin = steps.begin, m_end = steps.end;
 
   cp_async_tile<T, D, BK>(sK, k_rows(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride), p.head_dim, k);
   cp_async_tile<T, D, BK>(sV, k_rows(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride), p.head_dim, v);
@@ -503,13 +498,31 @@ __global__ void __launch_bounds__(kThreads) dq_convert_kernel(const BwdArgs args
   }
 }
 
+// The fused backward around its dK/dV kernel (which adds dQ into the float32 accumulator, key_ctas
+// CTAs per (KV head, batch)): zero the accumulator, run the kernel, convert dQ.
+template <typename T, typename Kernel>
+void launch_fused_bwd(const BwdArgs& args, Kernel kernel, int key_ctas, int threads, size_t smem, const char* name,
+                      cudaStream_t stream) {
+  const FlashBwdParams& p = args.p;
+  check_cuda(cudaMemsetAsync(dq_accum(p), 0, dq_accum_floats(p) * sizeof(float), stream), "cudaMemsetAsync(dq_accum)");
+  if (p.seqlen_k > 0) {
+    const dim3 grid(key_ctas, p.heads_kv, p.batch);
+    kernel<<<grid, threads, smem, stream>>>(args);
+    check_launch(name);
+  }
+  if (p.seqlen_q > 0) {
+    const dim3 grid(ceil_div(p.seqlen_q, kThreads / 32), p.heads_q, p.batch);
+    dq_convert_kernel<T><<<grid, kThreads, 0, stream>>>(args);
+    check_launch("dq_convert_kernel launch");
+  }
+}
+
 // Launches the tensor-core backward of one (dtype, head-dim bucket): the fused kernel and the dQ
 // conversion, or (deterministic, head dims <= 128) the dQ and the dK/dV kernels.
 template <typename T, int D, bool kPlain>
 void launch_bwd_mma_config(const BwdArgs& args, bool fused, cudaStream_t stream) {
   using Tr = BwdMmaTraits<D>;
   const FlashBwdParams& p = args.p;
-  const dim3 kv_grid(ceil_div(p.seqlen_k, Tr::kKeys) * Tr::kDSplit, p.heads_kv, p.batch);
   if constexpr (Tr::kDSplit == 1) {
     if (!fused) {
       if (p.seqlen_q > 0) {
@@ -522,41 +535,38 @@ void launch_bwd_mma_config(const BwdArgs& args, bool fused, cudaStream_t stream)
       if (p.seqlen_k > 0) {
         auto kernel = dkdv_mma_kernel<T, D, kPlain, false>;
         set_smem(kernel, Tr::kDkdvSmem, "cudaFuncSetAttribute(dkdv_mma_kernel)");
-        kernel<<<kv_grid, kThreads, Tr::kDkdvSmem, stream>>>(args);
+        const dim3 grid(ceil_div(p.seqlen_k, Tr::kKeys), p.heads_kv, p.batch);
+        kernel<<<grid, kThreads, Tr::kDkdvSmem, stream>>>(args);
         check_launch("dkdv_mma_kernel launch");
       }
       return;
     }
   }
-  check_cuda(cudaMemsetAsync(dq_accum(p), 0, dq_accum_floats(p) * sizeof(float), stream), "cudaMemsetAsync(dq_accum)");
-  if (p.seqlen_k > 0) {
-    auto kernel = dkdv_mma_kernel<T, D, kPlain, true>;
-    set_smem(kernel, Tr::kDkdvSmem, "cudaFuncSetAttribute(dkdv_mma_kernel)");
-    kernel<<<kv_grid, kThreads, Tr::kDkdvSmem, stream>>>(args);
-    check_launch("dkdv_mma_kernel launch");
-  }
-  if (p.seqlen_q > 0) {
-    const dim3 grid(ceil_div(p.seqlen_q, kThreads / 32), p.heads_q, p.batch);
-    dq_convert_kernel<T><<<grid, kThreads, 0, stream>>>(args);
-    check_launch("dq_convert_kernel launch");
-  }
+  auto kernel = dkdv_mma_kernel<T, D, kPlain, true>;
+  set_smem(kernel, Tr::kDkdvSmem, "cudaFuncSetAttribute(dkdv_mma_kernel)");
+  launch_fused_bwd<T>(args, kernel, ceil_div(p.seqlen_k, Tr::kKeys) * Tr::kDSplit, kThreads, Tr::kDkdvSmem,
+                      "dkdv_mma_kernel launch", stream);
 }
 
-// The tensor-core backward when it covers the call (no dropout; head dims above 128 only fused and
-// where the device has the shared memory); returns false otherwise, leaving the call to the SIMT
-// kernels. Explicitly instantiated once per head dim (instantiations/flash_bwd_mma_hdim*.cu).
-template <typename T, int D>
-bool launch_bwd_mma(const BwdArgs& args, cudaStream_t stream) {
+// Whether the tensor-core backward covers the call: no dropout; head dims above 128 only fused and
+// where the device has the shared memory. The SIMT kernels take the rest.
+template <int D>
+bool bwd_mma_covers(const FlashBwdParams& p) {
   using Tr = BwdMmaTraits<D>;
-  if (args.s.dropout) return false;
+  if (p.dropout_p > 0.f) return false;
+  return Tr::kDSplit == 1 || (bwd_fused_dq(p) && max_smem_optin() >= Tr::kDkdvSmem);
+}
+
+// The tensor-core backward of a call it covers (bwd_mma_covers). Explicitly instantiated once per
+// head dim (instantiations/flash_bwd_mma_hdim*.cu).
+template <typename T, int D>
+void launch_bwd_mma(const BwdArgs& args, cudaStream_t stream) {
   const bool fused = bwd_fused_dq(args.p);
-  if (Tr::kDSplit > 1 && (!fused || max_smem_optin() < Tr::kDkdvSmem)) return false;
   if (args.s.softcap == 0.f && args.p.alibi_slopes == nullptr) {
     launch_bwd_mma_config<T, D, true>(args, fused, stream);
   } else {
     launch_bwd_mma_config<T, D, false>(args, fused, stream);
   }
-  return true;
 }
 
 }  // namespace detail

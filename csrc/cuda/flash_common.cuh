@@ -214,12 +214,12 @@ __device__ __forceinline__ bool visible(const ScoreArgs& a, int i, int j, int sq
   return true;
 }
 
-// Key blocks [begin, end) of bn keys holding a key that some query row i_lo .. i_hi may see under the
-// window bounds; the kernels mask the single (row, key) pairs, and keys past sk, per element.
-struct KeyBlocks {
+struct BlockRange {
   int begin, end;
 };
-__device__ __forceinline__ KeyBlocks visible_key_blocks(const ScoreArgs& a, const SeqInfo& si, int i_lo, int i_hi,
+// Key blocks [begin, end) of bn keys holding a key that some query row i_lo .. i_hi may see under the
+// window bounds; the kernels mask the single (row, key) pairs, and keys past sk, per element.
+__device__ __forceinline__ BlockRange visible_key_blocks(const ScoreArgs& a, const SeqInfo& si, int i_lo, int i_hi,
                                                         int bn) {
   const int offset = si.sk - si.sq;
   int j_begin = 0, j_end = si.sk;
@@ -228,8 +228,20 @@ __device__ __forceinline__ KeyBlocks visible_key_blocks(const ScoreArgs& a, cons
   const int n_begin = j_begin / bn;
   return {n_begin, j_end > j_begin ? ceil_div(j_end, bn) : n_begin};
 }
+// The backward's walk over a key block: blocks [begin, end) of bm packed rows (rows of a KV group of
+// `group` query heads) holding a row that may see one of the keys j0 .. j0 + bn - 1.
+__device__ __forceinline__ BlockRange visible_row_blocks(const ScoreArgs& a, const SeqInfo& si, int j0, int bn,
+                                                         int bm) {
+  const int offset = si.sk - si.sq;
+  const int j_last = min(si.sk, j0 + bn) - 1;
+  int i_lo = 0, i_hi = si.sq - 1;
+  if (a.window_right >= 0) i_lo = max(i_lo, j0 - offset - a.window_right);
+  if (a.window_left >= 0) i_hi = min(i_hi, j_last + a.window_left - offset);
+  if (i_lo > i_hi) return {0, 0};
+  return {i_lo * a.group / bm, ceil_div((i_hi + 1) * a.group, bm)};
+}
 // Split `split` of `splits` contiguous, equal shares of the blocks (the last ones may be short or empty).
-__device__ __forceinline__ KeyBlocks split_share(KeyBlocks blocks, int split, int splits) {
+__device__ __forceinline__ BlockRange split_share(BlockRange blocks, int split, int splits) {
   const int per_split = ceil_div(blocks.end - blocks.begin, splits);
   const int lo = min(blocks.end, blocks.begin + split * per_split);
   return {lo, min(blocks.end, lo + per_split)};
@@ -349,6 +361,11 @@ inline bool env_flag(const char* name) {
   return value != nullptr && value[0] == '1';
 }
 
+// Whether the Hopper (sm90a) kernels may run on the current device: it runs this library's sm_90a
+// code (an sm90 device could be running code built for sm80), and neither FLASH_ATTN_CUDA_HOPPER=0
+// nor FLASH_ATTN_CUDA_SIMT=1 is set (so the sm80-class kernels stay testable on an H100). In flash_fwd.cu.
+bool hopper_kernels_enabled();
+
 // The backward accumulates dQ in float32 with atomics (one pass over S and dP) unless the call
 // asks for determinism; dropout runs on the SIMT kernels.
 inline bool bwd_fused_dq(const FlashBwdParams& p) { return !p.deterministic && p.dropout_p == 0.f; }
@@ -425,6 +442,16 @@ inline void dispatch_head_dim(int head_dim, F&& f) {
   if (head_dim <= 160) return f(std::integral_constant<int, 160>{});
   if (head_dim <= 192) return f(std::integral_constant<int, 192>{});
   if (head_dim <= 224) return f(std::integral_constant<int, 224>{});
+  return f(std::integral_constant<int, 256>{});
+}
+
+// Calls f(std::integral_constant<int, D>) for the Hopper kernels' tile width D of head_dim: head_dim
+// rounded up to whole 128-byte swizzle rows (64, 128, 192, 256); the columns past head_dim are zero.
+template <typename F>
+inline void dispatch_hopper_head_dim(int head_dim, F&& f) {
+  if (head_dim <= 64) return f(std::integral_constant<int, 64>{});
+  if (head_dim <= 128) return f(std::integral_constant<int, 128>{});
+  if (head_dim <= 192) return f(std::integral_constant<int, 192>{});
   return f(std::integral_constant<int, 256>{});
 }
 

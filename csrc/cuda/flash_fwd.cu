@@ -27,13 +27,11 @@ template <typename T, int D>
 void launch_fwd_mma(const FwdArgs& args, cudaStream_t stream);
 template <typename T, int D>
 FwdOccupancy fwd_mma_occupancy(const FwdArgs& args);
-// The Hopper forward (hopper/flash_fwd_wgmma.cuh), head-dim buckets 64, 128, 192, 256.
+// The Hopper forward (hopper/flash_fwd_wgmma.cuh), tile widths 64, 128, 192, 256.
 template <typename T, int D>
 void launch_fwd_wgmma(const FwdArgs& args, cudaStream_t stream);
 template <typename T, int D>
 FwdOccupancy fwd_wgmma_occupancy(const FwdArgs& args);
-
-namespace {
 
 // 1 in the sm_90a code of this library, 0 in every other target's: tells whether the current
 // device runs the wgmma kernels (an sm90 device could be running code built for sm80).
@@ -43,7 +41,9 @@ __device__ int g_sm90a_code = 1;
 __device__ int g_sm90a_code = 0;
 #endif
 
-bool device_runs_sm90a_code() {
+bool hopper_kernels_enabled() {
+  const char* hopper = std::getenv("FLASH_ATTN_CUDA_HOPPER");
+  if ((hopper != nullptr && hopper[0] == '0') || env_flag("FLASH_ATTN_CUDA_SIMT")) return false;
   constexpr int kMaxDevices = 64;
   static int8_t known[kMaxDevices] = {};  // 0 unknown, 1 yes, -1 no
   int device = 0;
@@ -59,19 +59,16 @@ bool device_runs_sm90a_code() {
   return flag == 1;
 }
 
-// Whether a forward call runs on the Hopper kernel: an sm90 device with sm_90a code, a head-dim
-// bucket it has (64, 128, 192, 256), more than 64 packed rows (fewer go to the decode kernels), and
-// none of softcap, ALiBi or dropout. FLASH_ATTN_CUDA_HOPPER=0 (or FLASH_ATTN_CUDA_SIMT=1) turns it off,
-// so that the sm80-class kernels stay testable on an H100.
+namespace {
+
+// Whether a forward call runs on the Hopper kernel: the Hopper kernels are enabled, head dim above
+// 32 (run at the next multiple of 64: dispatch_hopper_head_dim), more than 64 packed rows (fewer go
+// to the decode kernels), and none of softcap, ALiBi or dropout.
 bool hopper_fwd_supported(const FlashFwdParams& p) {
-  const char* hopper = std::getenv("FLASH_ATTN_CUDA_HOPPER");
-  if ((hopper != nullptr && hopper[0] == '0') || env_flag("FLASH_ATTN_CUDA_SIMT")) return false;
-  bool whole_rows = false;  // the head-dim bucket fills the 128-byte swizzle rows
-  dispatch_head_dim(p.head_dim, [&](auto d) { whole_rows = decltype(d)::value % 64 == 0; });
-  if (!whole_rows) return false;
+  if (!hopper_kernels_enabled() || p.head_dim <= 32) return false;
   const int group = p.heads_q / p.heads_kv;
   return static_cast<int64_t>(p.seqlen_q) * group > 64 && p.softcap == 0.f && p.alibi_slopes == nullptr &&
-         p.dropout_p == 0.f && p.softmax_scale > 0.f && device_runs_sm90a_code();
+         p.dropout_p == 0.f && p.softmax_scale > 0.f;
 }
 
 // The forward kernel a call runs on (fwd_kernel_name reports it).
@@ -329,13 +326,11 @@ int split_heuristic(const FlashFwdParams& p) {
     const FwdArgs args{p, make_score_args(p), 1};
     dispatch_dtype(p.dtype, [&](auto t) {
       using T = decltype(t);
-      dispatch_head_dim(p.head_dim, [&](auto d) {
-        constexpr int D = decltype(d)::value;
-        if constexpr (D % 64 == 0) {  // the Hopper kernel's buckets
-          if (kernel == FwdKernel::kWgmma) return void(occ = fwd_wgmma_occupancy<T, D>(args));
-        }
-        occ = fwd_mma_occupancy<T, D>(args);
-      });
+      if (kernel == FwdKernel::kWgmma) {
+        dispatch_hopper_head_dim(p.head_dim, [&](auto d) { occ = fwd_wgmma_occupancy<T, decltype(d)::value>(args); });
+      } else {
+        dispatch_head_dim(p.head_dim, [&](auto d) { occ = fwd_mma_occupancy<T, decltype(d)::value>(args); });
+      }
     });
   }
   const int n_blocks = ceil_div(p.seqlen_k, kBlockN);
@@ -363,10 +358,9 @@ void launch_fwd(const FwdArgs& args, cudaStream_t stream) {
   const FlashFwdParams& p = args.p;
   const int rows = p.seqlen_q * args.s.group;
   const FwdKernel kernel = choose_fwd_kernel(p);
-  if constexpr (D % 64 == 0) {  // the Hopper kernel's buckets (hopper_fwd_supported)
-    if (kernel == FwdKernel::kWgmma) launch_fwd_wgmma<T, D>(args, stream);
-  }
-  if (kernel == FwdKernel::kMma) {
+  if (kernel == FwdKernel::kWgmma) {
+    dispatch_hopper_head_dim(p.head_dim, [&](auto d) { launch_fwd_wgmma<T, decltype(d)::value>(args, stream); });
+  } else if (kernel == FwdKernel::kMma) {
     launch_fwd_mma<T, D>(args, stream);
   } else if (kernel == FwdKernel::kSimt) {
     constexpr size_t smem = fwd_smem_bytes<D>();

@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
   const int i_lo = r0 / group;
   const int i_hi = (min(r0 + BM, rows) - 1) / group;
   const int offset = si.sk - si.sq;
-  const KeyBlocks blocks = split_share(visible_key_blocks(sa, si, i_lo, i_hi, BN), split, args.num_splits);
+  const BlockRange blocks = split_share(visible_key_blocks(sa, si, i_lo, i_hi, BN), split, args.num_splits);
   const int n_lo = blocks.begin, n_hi = blocks.end;
 
   const int tid = threadIdx.x;

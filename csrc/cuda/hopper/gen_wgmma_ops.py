@@ -5,8 +5,10 @@ wrappers are generated rather than typed:  python3 csrc/cuda/hopper/gen_wgmma_op
 """
 from pathlib import Path
 
-# (N of m64nNk16) for the products the kernels issue: S = Q K^T over a key tile (N = keys) and
-# O += P V over the head dim (N = head-dim bucket).
+# (N of m64nNk16) for the products the kernels issue. Forward: S = Q K^T over a key tile (ss,
+# N = keys), O += P V over the head dim (rs, N = head-dim bucket). Backward: S^T = K Q^T and
+# dP^T = V dO^T over a query tile (ss, N = 64 / 128), dV += P^T dO and dK += dS^T Q (ss with B
+# MN-major, N = head dim), dQ = dS K (ss with A and B MN-major, N = 64).
 SS_N = (64, 128)
 RS_N = (64, 128, 192, 256)
 TYPES = {"__nv_bfloat16": "bf16", "__half": "f16"}
@@ -24,13 +26,15 @@ def ss(ctype: str, ptx: str, n: int) -> str:
     nd = n // 2
     return f'''template <>
 struct Wgmma<{ctype}, {n}> {{
-  // D (64 x {n}, fp32) (+)= A (64 x 16, smem, K-major) * B (16 x {n}, smem, K-major).
+  // D (64 x {n}, fp32) (+)= A (64 x 16, smem) * B (16 x {n}, smem); kTransA / kTransB = 1: that
+  // operand is MN-major, else K-major.
+  template <int kTransA = 0, int kTransB = 0>
   static __device__ __forceinline__ void ss(float (&d)[{nd}], uint64_t desc_a, uint64_t desc_b, int accumulate) {{
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 2}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} {{{regs(0, nd)}}}, %{nd}, %{nd + 1}, p, 1, 1, 0, 0;\\n}}\\n"
+        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} {{{regs(0, nd)}}}, %{nd}, %{nd + 1}, p, 1, 1, %{nd + 3}, %{nd + 4};\\n}}\\n"
         : {outputs(nd)}
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
   }}
 }};
 '''

@@ -381,13 +381,15 @@ void run_case(const Case& c) {
     report(c, "lse", lse_err, 1e-3);
   }
 
-  // Backward: SIMT kernels, the deterministic tensor-core kernels (head dims <= 128) and the fused
-  // tensor-core kernel with atomic dQ (the default; no dropout on either tensor-core path).
-  const char* const bwd_modes[] = {"simt", "mma-det", "mma"};
-  for (int mode = 0; c.bwd && mode < 3; ++mode) {
+  // Backward: SIMT kernels, the deterministic tensor-core kernels (head dims <= 128), the fused
+  // tensor-core kernel with atomic dQ (no dropout on either tensor-core path) and, where it takes
+  // the call (the default on sm90), the Hopper kernel.
+  const char* const bwd_modes[] = {"simt", "mma-det", "mma", "wgmma"};
+  for (int mode = 0; c.bwd && mode < 4; ++mode) {
     if (mode > 0 && c.dropout > 0.f) break;
     if (mode == 1 && c.d > 128) continue;
     setenv("FLASH_ATTN_CUDA_SIMT", mode == 0 ? "1" : "0", 1);
+    setenv("FLASH_ATTN_CUDA_HOPPER", mode == 3 ? "1" : "0", 1);
     uint16_t* ddq = poisoned(h.q.size());
     uint16_t* ddk = poisoned(h.k.size());
     uint16_t* ddv = poisoned(h.v.size());
@@ -401,6 +403,11 @@ void run_case(const Case& c) {
     bp.dv = ddv;
     bp.dsinks = ddsinks;
     bp.deterministic = mode == 1;
+    if (mode == 3 && std::string(flash::cuda::bwd_kernel_name(bp)) != "wgmma") {
+      for (uint16_t* ptr : {ddq, ddk, ddv}) CHECK_CUDA(cudaFree(ptr));
+      if (ddsinks) CHECK_CUDA(cudaFree(ddsinks));
+      continue;
+    }
     const size_t ws = flash::cuda::bwd_workspace_bytes(bp);
     float* dws = nullptr;
     CHECK_CUDA(cudaMalloc(&dws, std::max<size_t>(ws, 4)));
@@ -478,7 +485,7 @@ int main() {
   { Case c = make("wgmma paged page=256 d=64", 2, 130, 600, 2, 2, 64); c.page_size = 256; c.seqused = {600, 333}; c.bwd = false; cases.push_back(c); }
   { Case c = make("wgmma window(40,0) mqa 4/1 d=192", 1, 150, 150, 4, 1, 192); c.wl = 40; c.wr = 0; c.bwd = false; cases.push_back(c); }
   { Case c = make("wgmma splits=2 sinks d=128", 1, 70, 600, 2, 2, 128); c.num_splits = 2; c.sinks = true; c.bwd = false; cases.push_back(c); }
-  { Case c = make("wgmma d=120 causal", 1, 200, 260, 1, 1, 120); c.causal = true; c.bwd = false; cases.push_back(c); }
+  { Case c = make("wgmma d=120 causal", 1, 200, 260, 1, 1, 120); c.causal = true; cases.push_back(c); }
   { Case c = make("wgmma leftpad+cache_batch_idx d=256", 2, 90, 150, 2, 2, 256); c.leftpad = {7, 0}; c.cache_batch_idx = true; c.causal = true; c.bwd = false; cases.push_back(c); }
   {
     Case c = make("wgmma varlen causal d=128", 4, 1, 1, 2, 2, 128);
@@ -486,9 +493,16 @@ int main() {
     c.sq = {0, 130, 64, 257};
     c.sk = {5, 200, 64, 300};
     c.causal = true;
-    c.bwd = false;
     cases.push_back(c);
   }
+  // The Hopper backward's calls (head-dim buckets 64 / 128, fused): odd GQA groups, windows,
+  // masked rows, leftpad and seqused.
+  { Case c = make("wgmma bwd gqa 3/1 sinks window(70,20) d=128", 2, 150, 333, 3, 1, 128); c.wl = 70; c.wr = 20; c.sinks = true; cases.push_back(c); }
+  { Case c = make("wgmma bwd causal sq>sk d=120", 1, 260, 200, 2, 2, 120); c.causal = true; cases.push_back(c); }
+  { Case c = make("wgmma bwd leftpad+seqused d=64", 2, 100, 300, 2, 2, 64); c.leftpad = {7, 0}; c.seqused = {300, 201}; c.causal = true; cases.push_back(c); }
+  // Head dims between the Hopper tile widths run at the next multiple of 64, columns zero-padded.
+  { Case c = make("wgmma bwd padded d=96 gqa 4/2 causal", 2, 130, 200, 4, 2, 96); c.causal = true; cases.push_back(c); }
+  { Case c = make("wgmma padded d=160 window(60,5)", 1, 150, 190, 2, 2, 160); c.wl = 60; c.wr = 5; cases.push_back(c); }
   {
     Case c = make("varlen", 4, 1, 1, 4, 2, 64);
     c.varlen = true;

@@ -1,7 +1,10 @@
 // Kernel timing harness without torch, on the benchmark shapes (bf16, batch * seqlen = 16k tokens,
-// hidden 2048): (1) the production entry points run_fwd / run_bwd, (2) paged decode, (3) candidate tile shapes of fwd_mma_kernel, each checked against the general kMT = 1 instantiation on the same inputs
-// (outputs poisoned with NaN first). Not part of the build; ci/gpu-kernel-check.sh builds and runs
-// it (linked with the kernel objects); figures go to benchmarks/cuda_kernel_notes.md.
+// hidden 2048): (1) the production entry points run_fwd / run_bwd, (2) paged decode, (3) candidate
+// forward tile shapes, each checked against the general kMT = 1 instantiation, (4) candidate Hopper
+// backward shapes, each checked against run_bwd, on the same inputs (outputs poisoned with NaN
+// first). FLASH_TUNE_SECTIONS=entry,decode,fwd,bwd picks sections (default: all). Not part of the
+// build; ci/gpu-kernel-check.sh builds and runs it (linked with the kernel objects); figures go to
+// benchmarks/cuda_kernel_notes.md.
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -13,6 +16,7 @@
 #include <vector>
 
 #include "cuda/flash_fwd_mma.cuh"
+#include "cuda/hopper/flash_bwd_wgmma.cuh"
 #include "cuda/hopper/flash_fwd_wgmma.cuh"
 #include "check_cuda.h"
 #include "flash_api.h"
@@ -50,6 +54,22 @@ flash::FlashFwdParams make_params(const Shape& s, void* q, void* k, void* v, voi
   return p;
 }
 
+// The backward of fp's call: gradients in the layout of q / k / v.
+flash::FlashBwdParams make_bwd_params(const flash::FlashFwdParams& fp, void* dout, void* dq, void* dk, void* dv,
+                                      float* workspace) {
+  flash::FlashBwdParams bp{};
+  static_cast<flash::FlashFwdParams&>(bp) = fp;
+  bp.dout = dout;
+  bp.dq = dq;
+  bp.dk = dk;
+  bp.dv = dv;
+  bp.do_row_stride = bp.dq_row_stride = bp.dk_row_stride = bp.dv_row_stride = fp.q_row_stride;
+  bp.do_head_stride = bp.dq_head_stride = bp.dk_head_stride = bp.dv_head_stride = fp.q_head_stride;
+  bp.do_batch_stride = bp.dq_batch_stride = bp.dk_batch_stride = bp.dv_batch_stride = fp.q_batch_stride;
+  bp.workspace = workspace;
+  return bp;
+}
+
 using Launch = void (*)(const FwdArgs&, cudaStream_t);
 
 struct Candidate {
@@ -76,6 +96,30 @@ float time_ms(F&& launch) {
   return ms / iters;
 }
 
+// max |got - ref| / max |ref|; infinite when got holds a NaN or inf.
+double rel_diff(const std::vector<float>& got, const std::vector<float>& ref) {
+  double diff = 0.0, scale = 0.0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    diff = std::fmax(diff, std::fabs(got[i] - ref[i]));
+    scale = std::fmax(scale, std::fabs(ref[i]));
+  }
+  return diff / std::fmax(scale, 1e-30);
+}
+
+bool section(const char* name) {
+  const char* sections = std::getenv("FLASH_TUNE_SECTIONS");
+  return sections == nullptr || std::string(sections).find(name) != std::string::npos;
+}
+
+using BwdLaunch = void (*)(const BwdArgs&, cudaStream_t);
+
+struct BwdCandidate {
+  const char* name;
+  int d;
+  BwdLaunch launch;
+};
+
 std::vector<float> fetch(const void* dev, size_t n) {
   std::vector<uint16_t> bits(n);
   CHECK_CUDA(cudaMemcpy(bits.data(), dev, n * 2, cudaMemcpyDeviceToHost));
@@ -99,7 +143,11 @@ int main() {
       {"wgmma wg1 bn128 2/SM", 64, launch_fwd_wgmma_config<T, 64, FwdWgmmaConfig<64, 1, 128, 2>>},
       {"wgmma (sm90a)", 128, launch_fwd_wgmma<T, 128>},
       {"wgmma (sm90a)", 256, launch_fwd_wgmma<T, 256>},
-        };
+  };
+  const BwdCandidate bwd_candidates[] = {
+      {"wgmma bm128 rows", 64, launch_bwd_wgmma_config<T, 64, BwdWgmmaConfig<64, 128>>},
+      {"wgmma bm64 cols", 128, launch_bwd_wgmma_config<T, 128, BwdWgmmaConfig<128, 64>>},
+  };
   const int tokens = 16384, hidden = 2048;
   std::mt19937 rng(0);
   std::normal_distribution<float> normal;
@@ -123,43 +171,108 @@ int main() {
   // Di (tokens x heads <= tokens x 128) and the fused backward's float32 dQ (tokens x hidden).
   CHECK_CUDA(cudaMalloc(&workspace, (static_cast<size_t>(tokens) * 128 + n) * sizeof(float)));
   std::printf("%-10s %4s %6s %6s %9s %9s\n", "entry", "d", "seqlen", "causal", "ms", "TFLOP/s");
-  for (int d : {64, 128, 256}) {
+  for (int d : {64, 96, 128, 160, 256}) {  // 96 and 160 run on the Hopper kernels at 128 and 192
+    if (!section("entry")) break;
     for (int seqlen : {2048, 16384}) {
       for (bool causal : {false, true}) {
         const Shape shape{tokens / seqlen, seqlen, hidden / d, d, causal};
+        const size_t used = static_cast<size_t>(tokens) * shape.heads * d;  // elements of a q-like tensor
         const flash::FlashFwdParams fp = make_params(shape, q, k, v, o, lse);
-        flash::FlashBwdParams bp{};
-        static_cast<flash::FlashFwdParams&>(bp) = fp;
-        bp.dout = dout;
-        bp.dq = dq;
-        bp.dk = dk;
-        bp.dv = dv;
-        bp.do_row_stride = bp.dq_row_stride = bp.dk_row_stride = bp.dv_row_stride = fp.q_row_stride;
-        bp.do_head_stride = bp.dq_head_stride = bp.dk_head_stride = bp.dv_head_stride = fp.q_head_stride;
-        bp.do_batch_stride = bp.dq_batch_stride = bp.dk_batch_stride = bp.dv_batch_stride = fp.q_batch_stride;
-        bp.workspace = workspace;
-        const double flops = 4.0 * shape.batch * seqlen * static_cast<double>(seqlen) * shape.heads * d / (causal ? 2 : 1);
+        flash::FlashBwdParams bp = make_bwd_params(fp, dout, dq, dk, dv, workspace);
+        const double flops = 4.0 * shape.batch * seqlen * static_cast<double>(seqlen) * shape.heads * d / (causal + 1);
         const float fwd_ms = time_ms([&] { flash::cuda::run_fwd(fp, nullptr); });
         const std::string fwd_kernel = flash::cuda::fwd_kernel_name(fp);
         setenv("FLASH_ATTN_CUDA_HOPPER", "0", 1);
         const float mma_ms = time_ms([&] { flash::cuda::run_fwd(fp, nullptr); });
         unsetenv("FLASH_ATTN_CUDA_HOPPER");
+        const std::string bwd_kernel = flash::cuda::bwd_kernel_name(bp);
+        // The default backward's gradients against the sm80-class fused kernel's on the same
+        // inputs (outputs poisoned with NaN first): max |diff| over max |value| of dq, dk, dv.
+        double bwd_diff = 0.0;
+        if (bwd_kernel != "mma") {
+          std::vector<std::vector<float>> ref(3);
+          for (int pass = 0; pass < 2; ++pass) {
+            if (pass == 0) setenv("FLASH_ATTN_CUDA_HOPPER", "0", 1);
+            for (void* g : {dq, dk, dv}) CHECK_CUDA(cudaMemset(g, 0xFF, n * 2));
+            flash::cuda::run_bwd(bp, nullptr);
+            CHECK_CUDA(cudaDeviceSynchronize());
+            unsetenv("FLASH_ATTN_CUDA_HOPPER");
+            int gi = 0;
+            for (void* g : {dq, dk, dv}) {
+              std::vector<float> got = fetch(g, used);
+              if (pass == 0) {
+                ref[gi++] = std::move(got);
+                continue;
+              }
+              bwd_diff = std::fmax(bwd_diff, rel_diff(got, ref[gi++]));
+            }
+          }
+          if (!(bwd_diff < 2e-2)) ++failures;
+        }
         const float bwd_ms = time_ms([&] { flash::cuda::run_bwd(bp, nullptr); });
+        setenv("FLASH_ATTN_CUDA_HOPPER", "0", 1);
+        const float bwd_mma_ms = time_ms([&] { flash::cuda::run_bwd(bp, nullptr); });
+        unsetenv("FLASH_ATTN_CUDA_HOPPER");
         bp.deterministic = true;
         const float det_ms = time_ms([&] { flash::cuda::run_bwd(bp, nullptr); });
-        std::printf("%-10s %4d %6d %6d %9.3f %9.1f\n", ("fwd " + fwd_kernel).c_str(), d, seqlen, causal, fwd_ms, flops / fwd_ms / 1e9);
-        if (fwd_kernel != "mma") std::printf("%-10s %4d %6d %6d %9.3f %9.1f\n", "fwd mma", d, seqlen, causal, mma_ms, flops / mma_ms / 1e9);
-        std::printf("%-10s %4d %6d %6d %9.3f %9.1f\n", "run_bwd", d, seqlen, causal, bwd_ms, 2.5 * flops / bwd_ms / 1e9);
-        std::printf("%-10s %4d %6d %6d %9.3f %9.1f\n", "bwd_det", d, seqlen, causal, det_ms, 2.5 * flops / det_ms / 1e9);
+        auto row = [&](const std::string& name, float ms, double op_flops, const char* tail) {
+          std::printf("%-10s %4d %6d %6d %9.3f %9.1f%s\n", name.c_str(), d, seqlen, causal, ms, op_flops / ms / 1e9,
+                      tail);
+        };
+        char diff_note[48] = "";
+        if (bwd_kernel != "mma") {
+          std::snprintf(diff_note, sizeof(diff_note), "   rel diff vs mma %.2e%s", bwd_diff,
+                        bwd_diff < 2e-2 ? "" : "  FAIL");
+        }
+        row("fwd " + fwd_kernel, fwd_ms, flops, "");
+        if (fwd_kernel != "mma") row("fwd mma", mma_ms, flops, "");
+        row("bwd " + bwd_kernel, bwd_ms, 2.5 * flops, diff_note);
+        if (bwd_kernel != "mma") row("bwd mma", bwd_mma_ms, 2.5 * flops, "");
+        row("bwd_det", det_ms, 2.5 * flops, "");
       }
     }
   }
-  // FLASH_TUNE_ONLY_ENTRY=1: the production entry points only (for a profiler run).
-  if (const char* only = std::getenv("FLASH_TUNE_ONLY_ENTRY"); only != nullptr && only[0] == '1') return failures;
+  // (4) Candidate Hopper backward shapes against run_bwd's gradients (which also leaves Di in the
+  // workspace for the candidates, launched without it).
+  std::printf("%-22s %4s %6s %6s %9s %9s %10s\n", "bwd config", "d", "seqlen", "causal", "ms", "TFLOP/s", "rel diff");
+  for (int d : {64, 128}) {
+    if (!section("bwd")) break;
+    for (int seqlen : {2048, 16384}) {
+      for (bool causal : {false, true}) {
+        const Shape shape{tokens / seqlen, seqlen, hidden / d, d, causal};
+        const flash::FlashFwdParams fp = make_params(shape, q, k, v, o, lse);
+        flash::cuda::run_fwd(fp, nullptr);
+        flash::FlashBwdParams bp = make_bwd_params(fp, dout, dq, dk, dv, workspace);
+        flash::cuda::run_bwd(bp, nullptr);
+        CHECK_CUDA(cudaDeviceSynchronize());
+        std::vector<std::vector<float>> ref;
+        for (void* g : {dq, dk, dv}) ref.push_back(fetch(g, n));
+        const BwdArgs args{bp, make_score_args(bp)};
+        const double flops = 10.0 * shape.batch * seqlen * static_cast<double>(seqlen) * shape.heads * d / (causal + 1);
+        for (const BwdCandidate& c : bwd_candidates) {
+          if (c.d != d) continue;
+          for (void* g : {dq, dk, dv}) CHECK_CUDA(cudaMemset(g, 0xFF, n * 2));  // NaN poison
+          c.launch(args, nullptr);
+          CHECK_CUDA(cudaDeviceSynchronize());
+          double diff = 0.0;
+          int gi = 0;
+          for (void* g : {dq, dk, dv}) {
+            diff = std::fmax(diff, rel_diff(fetch(g, n), ref[gi++]));
+          }
+          const bool bad = !(diff < 2e-2);
+          failures += bad;
+          const float ms = time_ms([&] { c.launch(args, nullptr); });
+          std::printf("%-22s %4d %6d %6d %9.3f %9.1f %10.2e%s\n", c.name, d, seqlen, causal, ms, flops / ms / 1e9, diff,
+                      bad ? "  FAIL" : "");
+        }
+      }
+    }
+  }
+
   // (2) Decode: seqlen_q 1, batch 64, cache 8192 keys through a shuffled block table of 256-key
   // pages, heads 32:8, head dim 128 (a 4-stage and a 6-stage K/V ring at one CTA per SM were tried
   // here: 2594 / 2552 us against 1537 us for the 2-stage ring at two CTAs per SM).
-  {
+  if (section("decode")) {
     const int batch = 64, cache = 8192, page = 256, hq = 32, hkv = 8, d = 128;
     const int pages_per_seq = cache / page, num_pages = batch * pages_per_seq;
     const size_t kv_elems = static_cast<size_t>(num_pages) * page * hkv * d;
@@ -254,6 +367,7 @@ int main() {
   // (3) Candidate forward tile shapes.
   std::printf("%-22s %4s %6s %6s %9s %9s %10s\n", "config", "d", "seqlen", "causal", "ms", "TFLOP/s", "max|diff|");
   for (int d : {64, 128, 256}) {
+    if (!section("fwd")) break;
     for (int seqlen : {2048, 16384}) {
       for (bool causal : {false, true}) {
         const Shape shape{tokens / seqlen, seqlen, hidden / d, d, causal};
