@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call (600 s) on an H100 / H200: build this machine's variant (sm_90a only), then the attention
-# benchmark in stages that each stop starting points when their budget is spent, most important
+# One device call (600 s) on an H100 / H200: build this machine's variant (sm_90a only), then the
+# attention benchmark in stages that each stop starting points when their budget is spent, most important
 # first: decode; bf16 fwd/bwd against SDPA's backends and eager; fp16; bf16 fwd+bwd; FlexAttention
 # last (its compiles are the least predictable cost). All stages append to one results file.
 #   usage: OUT=... bash ci/gpu-bench.sh

@@ -1,6 +1,7 @@
-# Sourced by the device scripts (ci/gpu-bench.sh, ci/gpu-verify.sh, ci/gpu-train.sh): the machine's own torch, the
-# pipeline's missing packages from the wheels carried in .whl/ (installed into /tmp/site), a record
-# of card, driver, clocks and versions in $OUT/versions.txt, and a timer against the call's limit.
+# Sourced by the device scripts (ci/gpu-bench.sh, ci/gpu-verify.sh, ci/gpu-train.sh): the machine's
+# own torch, the pipeline's missing packages from the wheels carried in .whl/ (installed into
+# /tmp/site), a record of card, driver, clocks and versions in $OUT/versions.txt, a timer against the
+# call's limit, and the benchmark stage helper.
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 CALL_START=$(date +%s)
 OUT=${OUT:-$PWD/_gpu-out}
