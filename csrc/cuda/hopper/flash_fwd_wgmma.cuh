@@ -1,10 +1,12 @@
-// Hopper forward (sm90a, warpgroup MMA): one CTA of two warpgroups per (128 packed query rows, KV
-// head, batch[, split]), two CTAs per SM at head dim 64; each warpgroup owns 64 rows. Q and a
-// ring of K/V tiles are copied with cp.async into the 128-byte swizzled layout wgmma reads from
-// shared memory, S = Q K^T is a shared-memory x shared-memory wgmma, and O += P V takes P from
-// registers (the S accumulators converted in place: wgmma's accumulator layout is mma.sync's C
-// fragment, its register A operand mma.sync's A fragment). The softmax, masks and epilogue are
-// those of the sm80-class kernel (flash_fwd_mma.cuh), on two rows per thread.
+// Hopper forward (sm90a, warpgroup MMA), warp-specialized: one CTA per (kConsumers x 64 packed query
+// rows, KV head, batch[, split]). Warpgroup 0 is the producer: it copies Q and a ring of K/V tiles
+// with cp.async into the 128-byte swizzled layout wgmma reads from shared memory, each buffer
+// completing on an mbarrier, and gives most of its registers to the consumers (setmaxnreg). Each
+// consumer warpgroup owns 64 rows: S = Q K^T is a shared-memory x shared-memory wgmma, O += P V takes
+// P from registers (the S accumulators converted in place: wgmma's accumulator layout is mma.sync's
+// C fragment, its register A operand mma.sync's A fragment). The consumers take turns on the tensor
+// cores (named barriers), so one warpgroup's softmax runs while the other's products do. The softmax,
+// masks and epilogue are those of the sm80-class kernel (flash_fwd_mma.cuh), on two rows per thread.
 //
 // Calls it takes (hopper_fwd_supported, flash_fwd.cu): head dims above 32 (run at the next multiple
 // of 64, the columns past head_dim zero), more than 64 packed rows, no softcap, ALiBi or dropout,
@@ -19,25 +21,33 @@ namespace flash {
 namespace cuda {
 namespace detail {
 
-// Tile shape of a head-dim bucket D: kWarpgroups x 64 query rows, BN keys per tile, kCtas CTAs per
-// SM (shared memory and registers are split between them).
-// Defaults (measured with the alternatives in flash_cuda_tune.cu): at head dim 64 two CTAs of 64-key
-// tiles per SM (128 registers, no spill), whose independent barriers keep the tensor cores fed better
-// than one CTA of three warpgroups; at 128 one CTA of 128-key tiles; above, 64-key tiles so that the S
-// accumulators (BN / 2 registers) next to O's (D / 2) stay under 255.
-template <int D, int kWarpgroups_ = 2, int BN = (D == 128 ? 128 : 64), int kCtas = (D <= 64 ? 2 : 1)>
+// Tile shape of a head-dim bucket D: kConsumers warpgroups of 64 query rows plus the producer
+// warpgroup, BN keys per tile, kCtas CTAs per SM (shared memory and registers are split between
+// them). Defaults: two consumers (232 registers each; three at head dim 64 get 160 and spill),
+// 128-key tiles up to head dim 128, 64 above so that the S accumulators (BN / 2 registers) next to
+// O's (D / 2) fit.
+template <int D, int kConsumers_ = (D == 64 ? 3 : 2), int BN = (D <= 128 ? 128 : 64), int kCtas = 1>
 struct FwdWgmmaConfig {
   static_assert(D % 64 == 0 && D <= 256, "head-dim bucket: whole 128-byte swizzle rows");
-  static constexpr int kWarpgroups = kWarpgroups_;
-  static constexpr int kThreads = 128 * kWarpgroups;
-  static constexpr int kBlockM = 64 * kWarpgroups;
+  static constexpr int kConsumers = kConsumers_;
+  static constexpr int kProducerThreads = 128;
+  static constexpr int kThreads = kProducerThreads + 128 * kConsumers;
+  static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = BN;
   static constexpr int kCtasPerSm = kCtas;
+  // Registers: every thread starts with the launch share; the producer drops to kProducerRegs and
+  // the consumers split what it gave back (setmaxnreg counts are multiples of 8, at most 256).
+  static constexpr int kLaunchRegs = 65536 / (kThreads * kCtas) / 8 * 8;
+  static constexpr int kProducerRegs = kCtas > 1 ? 24 : kConsumers == 2 ? 40 : 32;
+  static constexpr int kConsumerRegs =
+      (kLaunchRegs * kThreads - kProducerThreads * kProducerRegs) / (128 * kConsumers) / 8 * 8 > 240
+          ? 240
+          : (kLaunchRegs * kThreads - kProducerThreads * kProducerRegs) / (128 * kConsumers) / 8 * 8;
   static constexpr uint32_t kQBytes = kBlockM * D * 2;
   static constexpr uint32_t kKVBytes = kBlockN * D * 2;  // one K or V tile
-  // K/V buffers each: three (loads two tiles ahead) where they fit next to Q in an sm90 SM's 228 KB
-  // (1 KB of it reserved per CTA), else two. + 1 KB to align the tiles to the swizzle period.
-  static constexpr size_t kSmemLimit = 228 * 1024 / kCtas - 1024;
+  // K/V buffers each: three where they fit next to Q in an sm90 SM's 228 KB (1 KB of it reserved per
+  // CTA, and the mbarriers' bytes), else two. + 1 KB to align the tiles to the swizzle period.
+  static constexpr size_t kSmemLimit = 228 * 1024 / kCtas - 1024 - 128;
   static constexpr int kStages = kQBytes + 6 * kKVBytes + 1024 <= kSmemLimit ? 3 : 2;
   static constexpr size_t kSmemBytes = kQBytes + 2 * kStages * kKVBytes + 1024;
   static_assert(kSmemBytes <= kSmemLimit, "tiles fit the shared memory");
@@ -47,7 +57,8 @@ template <typename T, int D, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kernel(const FwdArgs args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kStages = Cfg::kStages;
-  constexpr int NT = Cfg::kThreads;
+  constexpr int kLoaders = Cfg::kProducerThreads;
+  constexpr int kConsumers = Cfg::kConsumers;
   constexpr int BM = Cfg::kBlockM;
   constexpr int BN = Cfg::kBlockN;
   constexpr int kNT = BN / 8;  // 8-key column tiles of S
@@ -56,6 +67,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
   const uint32_t sQ = (smem_addr(wgmma_smem) + 1023u) & ~1023u;
   const uint32_t sK = sQ + Cfg::kQBytes;             // [kStages] K tiles
   const uint32_t sV = sK + kStages * Cfg::kKVBytes;  // [kStages] V tiles
+  // mbarriers: Q landed; per buffer, K / V landed (the producer's threads arrive as their copies
+  // complete) and K / V read (one arrival per consumer warp).
+  __shared__ __align__(8) uint64_t barriers[1 + 4 * kStages];
+  const uint32_t q_full = smem_addr(barriers);
+  auto k_full = [&](int st) { return q_full + 8u * (1 + st); };
+  auto v_full = [&](int st) { return q_full + 8u * (1 + kStages + st); };
+  auto k_empty = [&](int st) { return q_full + 8u * (1 + 2 * kStages + st); };
+  auto v_empty = [&](int st) { return q_full + 8u * (1 + 3 * kStages + st); };
 
   const FlashFwdParams& p = args.p;
   const ScoreArgs& sa = args.s;
@@ -72,47 +91,83 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
   if (r0 >= rows) return;
 
   const bool varlen = p.cu_seqlens_q != nullptr;
-  const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
-
   const int i_lo = gs.row(r0);
   const int i_hi = gs.row(min(r0 + BM, rows) - 1);
   const int offset = si.sk - si.sq;
   const BlockRange blocks = split_share(visible_key_blocks(sa, si, i_lo, i_hi, BN), split, args.num_splits);
   const int n_lo = blocks.begin, n_hi = blocks.end;
+  auto stage = [&](int n) { return (n - n_lo) % kStages; };                             // buffer of tile n
+  auto parity = [&](int n) { return static_cast<uint32_t>((n - n_lo) / kStages) & 1u; };  // its use count's
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
+  const int wg = warp / 4;
+  if (tid == 0) {
+    mbar_init(q_full, kLoaders);
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(k_full(st), kLoaders);
+      mbar_init(v_full(st), kLoaders);
+      mbar_init(k_empty(st), 4 * kConsumers);
+      mbar_init(v_empty(st), 4 * kConsumers);
+    }
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ---- producer: Q, then K(n) and V(n) for every tile, each into its buffer once the consumers
+    // have released the tile that used it kStages tiles before.
+    release_registers<Cfg::kProducerRegs>();
+    if (n_lo >= n_hi) return;
+    const T* q = static_cast<const T*>(p.q);
+    const T* k = static_cast<const T*>(p.k);
+    const T* v = static_cast<const T*>(p.v);
+    // Tile n of K or V into its buffer: one address per tile where the rows are evenly strided.
+    auto load_kv = [&](uint32_t dst, const T* base, int64_t bs, int64_t rst, int64_t hs, int n) {
+      const int j0 = n * BN;
+      const int64_t tile = kv_tile_offset(p, bs, rst, hs, si, b, j0, BN, hk);
+      if (tile >= 0) return cp_async_rows_sw128<T, D, BN, kLoaders>(dst, base + tile, rst, si.sk - j0, p.head_dim);
+      cp_async_tile_sw128<T, D, BN, kLoaders>(dst, [&](int rr) -> const T* {
+        if (j0 + rr >= si.sk) return nullptr;
+        return base + kv_offset(p, bs, rst, hs, si, b, j0 + rr, hk);
+      }, p.head_dim, base);
+    };
+    cp_async_tile_sw128<T, D, BM, kLoaders>(sQ, [&](int rr) -> const T* {
+      const int r = r0 + rr;
+      if (r >= rows) return nullptr;
+      return q + q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, gs.row(r), hk * group + gs.head(r));
+    }, p.head_dim, q);
+    cp_async_mbar_arrive(q_full);
+    for (int n = n_lo; n < n_hi; ++n) {
+      const int st = stage(n);
+      const bool reuse = n - n_lo >= kStages;
+      if (reuse) mbar_wait(k_empty(st), parity(n) ^ 1u);
+      load_kv(sK + st * Cfg::kKVBytes, k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, n);
+      cp_async_mbar_arrive(k_full(st));
+      if (reuse) mbar_wait(v_empty(st), parity(n) ^ 1u);
+      load_kv(sV + st * Cfg::kKVBytes, v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, n);
+      cp_async_mbar_arrive(v_full(st));
+    }
+    cp_async_drain();  // no copy outlives its thread
+    return;
+  }
+
+  // ---- consumers
+  claim_registers<Cfg::kConsumerRegs>();
+  const int cw = wg - 1;  // consumer warpgroup: rows 64 cw .. 64 cw + 63 of the tile
   const int g = lane >> 2;
   const int tq = lane & 3;
-  const int wg = warp / 4;                              // warpgroup: rows 64 wg .. 64 wg + 63 of the tile
-  const int warp_row0 = wg * 64 + (warp % 4) * 16;      // first tile row of this warp
+  const int warp_row0 = cw * 64 + (warp % 4) * 16;  // first tile row of this warp
   auto packed_row = [&](int e) { return r0 + warp_row0 + g + 8 * e; };  // e = 0, 1: c0,c1 / c2,c3
-
-  auto k_rows = [&](const T* base, int64_t bs, int64_t rst, int64_t hs, int j0) {
-    const int64_t tile = kv_tile_offset(p, bs, rst, hs, si, b, j0, BN, hk);
-    return [=, &si, &p](int rr) -> const T* {
-      if (j0 + rr >= si.sk) return nullptr;
-      return base + (tile >= 0 ? tile + rr * rst : kv_offset(p, bs, rst, hs, si, b, j0 + rr, hk));
-    };
+  auto release = [&](uint32_t bar) {
+    if (lane == 0) mbar_arrive(bar);
   };
-  auto stage = [&](int n) { return static_cast<uint32_t>((n - n_lo) % kStages); };  // buffer of tile n
-  // Tile n of K or V into its buffer: one address per tile where the rows are evenly strided.
-  auto load_kv = [&](uint32_t dst, const T* base, int64_t bs, int64_t rst, int64_t hs, int n) {
-    const int j0 = n * BN;
-    if constexpr (NT % (D / 8) == 0) {
-      const int64_t tile = kv_tile_offset(p, bs, rst, hs, si, b, j0, BN, hk);
-      if (tile >= 0) return cp_async_rows_sw128<T, D, BN, NT>(dst, base + tile, rst, si.sk - j0, p.head_dim);
-    }
-    cp_async_tile_sw128<T, D, BN, NT>(dst, k_rows(base, bs, rst, hs, j0), p.head_dim, base);
-  };
-  auto load_k = [&](int n) {
-    load_kv(sK + stage(n) * Cfg::kKVBytes, k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, n);
-  };
-  auto load_v = [&](int n) {
-    load_kv(sV + stage(n) * Cfg::kKVBytes, v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, n);
+  // Turns on the tensor cores, round robin over the consumers (named barriers 1..kConsumers, each
+  // of a warpgroup waiting and the one before it arriving). The last consumer opens the first turn
+  // and skips its final hand-over, so that every arrival is waited for.
+  auto take_turn = [&]() { named_barrier_sync(1 + cw, 256); };
+  auto pass_turn = [&](bool final_turn) {
+    if (!(final_turn && cw == kConsumers - 1)) named_barrier_arrive(1 + (cw + 1) % kConsumers, 256);
   };
 
   float o[D / 2];  // this warpgroup's 64 x D accumulators: o[4t + c] (wgmma_ops.cuh)
@@ -123,7 +178,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
   float corr[2];                        // O's rescale for the tile whose softmax ran last
   bool moved = false;                   // whether a row max of the warp moved in that tile
   const float scale_log2 = p.softmax_scale * kLog2e;
-  const uint32_t sQ_wg = sQ + wg * 64 * 128;  // this warpgroup's 64 rows in every column block
+  const uint32_t sQ_wg = sQ + cw * 64 * 128;  // this warpgroup's 64 rows in every column block
 
   float s[BN / 2];              // S of one tile, then its probabilities P (fp32)
   uint32_t pa[BN / 16][4];      // P as the A operand of O += P V
@@ -150,6 +205,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) WgmmaRs<T, D>::rs(o, pa[kk], sw128_desc(cV + kk * 16 * 128, BN * 128));
     wgmma_commit();
+  };
+  // Waits until the producer's copies into a buffer have landed; cp.async wrote them through the
+  // generic proxy, wgmma reads through the async proxy.
+  auto wait_full = [&](uint32_t bar, int n) {
+    mbar_wait(bar, parity(n));
+    fence_proxy_async();
   };
   // Masks tile n's S, updates the running max and sum and leaves P (fp32) in s; O's rescale is
   // left to the caller (corr, moved), which applies it once the previous O += P V has completed.
@@ -214,32 +275,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
   };
 
   // Pipeline (after FlashAttention-3's intra-warpgroup overlap): iteration n issues S of tile n+1
-  // and O += P V of tile n back to back, runs tile n+1's softmax while the second product is in
-  // flight, then rescales O. With kStages buffers each for K and V, iteration n reads K(n+1) and
-  // V(n) and refills the buffers of K(n) and V(n-1), which the previous iteration finished with,
-  // with K(n+kStages) and V(n+kStages-1): one cp.async group per iteration, kStages-2 of them may
-  // still be in flight when an iteration starts. The prologue's groups keep that count:
-  // {Q, K(lo), V(lo)}, {K(lo+s), V(lo+s)} for s = 1 .. kStages-2, {K(lo+kStages-1)}.
+  // and O += P V of tile n back to back in one turn, runs tile n+1's softmax while the second product
+  // is in flight (and the other consumers' products follow on the tensor cores), then rescales O.
+  // K(n+1) goes back to the producer once S(n+1) is done, V(n) once P V(n) is.
   if (n_lo < n_hi) {
-    cp_async_tile_sw128<T, D, BM, NT>(sQ, [&](int rr) -> const T* {
-      const int r = r0 + rr;
-      if (r >= rows) return nullptr;
-      return q + q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, gs.row(r), hk * group + gs.head(r));
-    }, p.head_dim, q);
-    load_k(n_lo);
-    load_v(n_lo);
-    cp_async_commit();
-#pragma unroll
-    for (int t = 1; t < kStages; ++t) {
-      if (n_lo + t < n_hi) load_k(n_lo + t);
-      if (t < kStages - 1 && n_lo + t < n_hi) load_v(n_lo + t);
-      cp_async_commit();
-    }
-    cp_async_wait_group<kStages - 1>();  // Q, K(n_lo), V(n_lo)
-    fence_proxy_async();
-    __syncthreads();
+    if (cw == kConsumers - 1) named_barrier_arrive(1, 256);  // the first consumer's first turn
+    mbar_wait(q_full, 0);
+    wait_full(k_full(stage(n_lo)), n_lo);
+    take_turn();
     issue_s(n_lo);
+    pass_turn(false);
     wgmma_wait<0>();
+    release(k_empty(stage(n_lo)));
     pin_registers(s);
     softmax(n_lo);
     rescale_and_pack();
@@ -247,29 +294,28 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
   // No branch between a wgmma and its wait: ptxas serializes the products it cannot follow (C7514),
   // so the last tile's product is peeled off the loop.
   for (int n = n_lo; n + 1 < n_hi; ++n) {
-    cp_async_wait_group<kStages - 2>();
-    fence_proxy_async();
-    __syncthreads();  // K(n+1) and V(n) landed; every warp is done with K(n) and V(n-1)
+    wait_full(k_full(stage(n + 1)), n + 1);
+    wait_full(v_full(stage(n)), n);
+    take_turn();
     issue_s(n + 1);
     issue_pv(n);
-    // The copies' address math runs while the tensor cores work (their buffers are not these).
-    if (n + kStages < n_hi) load_k(n + kStages);
-    if (n + kStages - 1 < n_hi) load_v(n + kStages - 1);
-    cp_async_commit();
+    pass_turn(false);
     wgmma_wait<1>();  // S(n+1) done; P V of tile n may still run
+    release(k_empty(stage(n + 1)));
     pin_registers(s);
     softmax(n + 1);
     wgmma_wait<0>();
+    release(v_empty(stage(n)));
     pin_registers(o);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) pin_registers(pa[kk]);  // P of tile n stays put until its product is done
     rescale_and_pack();
   }
   if (n_lo < n_hi) {
-    cp_async_wait_all();
-    fence_proxy_async();
-    __syncthreads();  // V of the last tile landed
+    wait_full(v_full(stage(n_hi - 1)), n_hi - 1);
+    take_turn();
     issue_pv(n_hi - 1);
+    pass_turn(true);
     wgmma_wait<0>();
     pin_registers(o);
   }
@@ -333,18 +379,34 @@ void launch_fwd_wgmma_config(const FwdArgs& args, cudaStream_t stream) {
   check_launch("fwd_wgmma_kernel launch");
 }
 
+// Head dim 64 has a second tile shape for short calls, where the three-consumer CTAs are too few
+// or too unevenly loaded: two CTAs per SM of two consumers x 64-key tiles (measured in
+// flash_cuda_tune's candidate section, kernel alone: at 512-1024 rows 250-298 against 222-295
+// TFLOP/s, causal 133-197 against 90-141; from 2048 rows (4096 causal) on the three consumers win).
+template <int D>
+bool fwd_wgmma_short_tiles(const FwdArgs& args) {
+  const int rows = args.p.seqlen_q * args.s.group;
+  return D == 64 && (rows <= 1024 || (args.s.window_right >= 0 && rows <= 2048));
+}
+using FwdWgmmaShortConfig64 = FwdWgmmaConfig<64, 2, 64, 2>;
+
 // Explicitly instantiated once per head-dim bucket (instantiations/flash_fwd_wgmma_hdim*.cu).
 template <typename T, int D>
 void launch_fwd_wgmma(const FwdArgs& args, cudaStream_t stream) {
+  if constexpr (D == 64) {
+    if (fwd_wgmma_short_tiles<D>(args)) return launch_fwd_wgmma_config<T, D, FwdWgmmaShortConfig64>(args, stream);
+  }
   launch_fwd_wgmma_config<T, D, FwdWgmmaConfig<D>>(args, stream);
 }
 
 // CTAs of one split of a call and CTAs per SM (for the split heuristic).
 template <typename T, int D>
 FwdOccupancy fwd_wgmma_occupancy(const FwdArgs& args) {
-  using Cfg = FwdWgmmaConfig<D>;
+  const bool short_tiles = fwd_wgmma_short_tiles<D>(args);
+  const int block_m = short_tiles ? FwdWgmmaShortConfig64::kBlockM : FwdWgmmaConfig<D>::kBlockM;
+  const int ctas_per_sm = short_tiles ? FwdWgmmaShortConfig64::kCtasPerSm : FwdWgmmaConfig<D>::kCtasPerSm;
   const FlashFwdParams& p = args.p;
-  return {static_cast<int64_t>(ceil_div(p.seqlen_q * args.s.group, Cfg::kBlockM)) * p.heads_kv * p.batch, Cfg::kCtasPerSm};
+  return {static_cast<int64_t>(ceil_div(p.seqlen_q * args.s.group, block_m)) * p.heads_kv * p.batch, ctas_per_sm};
 }
 
 }  // namespace detail

@@ -35,32 +35,26 @@ __device__ __forceinline__ void cp_async4_shared(uint32_t dst, const void* src, 
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
 
-// cp.async copies of a ROWS x D tile into the swizzled layout at shared address `tile`, by the NT
-// threads of the CTA. Null rows and chunks at or past head_dim are zero-filled (as cp_async_tile).
+// cp.async copies of a ROWS x D tile into the swizzled layout at shared address `tile`, by threads
+// 0 .. NT-1. Each thread owns one 16-byte chunk column (of the 8 in a 128-byte row) in every
+// 64-column block, and the rows NT / 8 apart from its first: rows that far apart keep their swizzle
+// phase, so the destination steps by a constant (and every D that is a multiple of 64, 192 included,
+// takes the same loop). Null rows and chunks at or past head_dim are zero-filled.
 template <typename T, int D, int ROWS, int NT, typename RowPtr>
 __device__ __forceinline__ void cp_async_tile_sw128(uint32_t tile, RowPtr row_ptr, int head_dim, const T* any_valid) {
-  constexpr int kChunks = D / 8;
-  if constexpr (NT % kChunks == 0 && ROWS % (NT / kChunks) == 0) {
-    // One fixed column per thread: its swizzled chunk is the same in every row it copies.
-    constexpr int kRowStep = NT / kChunks;
-    static_assert(kRowStep % 8 == 0, "rows of a thread keep their swizzle phase");
-    const int c = threadIdx.x % kChunks;
-    const int row0 = threadIdx.x / kChunks;
-    const bool column_ok = c * 8 < head_dim;
-    const uint32_t dst0 = tile + sw128_offset(row0, c, ROWS);
+  constexpr int kRowStep = NT / 8;
+  static_assert(NT % 64 == 0, "rows of a thread keep their swizzle phase");
+  const int c = threadIdx.x % 8;
+  const int row0 = threadIdx.x / 8;
+  const uint32_t dst0 = tile + row0 * 128 + ((c ^ (row0 & 7)) << 4);
 #pragma unroll
-    for (int it = 0; it < ROWS / kRowStep; ++it) {
-      const T* src = column_ok ? row_ptr(row0 + it * kRowStep) : nullptr;
-      cp_async16_shared(dst0 + it * kRowStep * 128, src != nullptr ? src + c * 8 : any_valid, src != nullptr ? 16 : 0);
-    }
-  } else {
-#pragma unroll 4
-    for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += NT) {
-      const int row = idx / kChunks;
-      const int c = idx - row * kChunks;
-      const T* src = c * 8 < head_dim ? row_ptr(row) : nullptr;
-      cp_async16_shared(tile + sw128_offset(row, c, ROWS), src != nullptr ? src + c * 8 : any_valid,
-                        src != nullptr ? 16 : 0);
+  for (int it = 0; it < ceil_div(ROWS, kRowStep); ++it) {
+    if (ROWS % kRowStep != 0 && row0 + it * kRowStep >= ROWS) break;
+    const T* src = row_ptr(row0 + it * kRowStep);
+#pragma unroll
+    for (int cb = 0; cb < D / 64; ++cb) {
+      const bool ok = src != nullptr && (cb * 8 + c) * 8 < head_dim;
+      cp_async16_shared(dst0 + (cb * ROWS + it * kRowStep) * 128, ok ? src + (cb * 8 + c) * 8 : any_valid, ok ? 16 : 0);
     }
   }
 }
@@ -71,22 +65,68 @@ __device__ __forceinline__ void cp_async_tile_sw128(uint32_t tile, RowPtr row_pt
 template <typename T, int D, int ROWS, int NT>
 __device__ __forceinline__ void cp_async_rows_sw128(uint32_t tile, const T* first, int64_t row_stride, int valid_rows,
                                                     int head_dim) {
-  constexpr int kChunks = D / 8;
-  static_assert(NT % kChunks == 0, "whole rows per pass");
-  constexpr int kRowStep = NT / kChunks;
-  static_assert(kRowStep % 8 == 0, "rows of a thread keep their swizzle phase");
-  const int c = threadIdx.x % kChunks;
-  const int row0 = threadIdx.x / kChunks;
-  const bool column_ok = c * 8 < head_dim;
-  const uint32_t dst0 = tile + sw128_offset(row0, c, ROWS);
+  constexpr int kRowStep = NT / 8;
+  static_assert(NT % 64 == 0, "rows of a thread keep their swizzle phase");
+  const int c = threadIdx.x % 8;
+  const int row0 = threadIdx.x / 8;
+  const uint32_t dst0 = tile + row0 * 128 + ((c ^ (row0 & 7)) << 4);
   const T* src = first + row0 * row_stride + c * 8;
 #pragma unroll
   for (int it = 0; it < ceil_div(ROWS, kRowStep); ++it) {
     if (ROWS % kRowStep != 0 && row0 + it * kRowStep >= ROWS) break;
-    const bool ok = column_ok && row0 + it * kRowStep < valid_rows;
-    cp_async16_shared(dst0 + it * kRowStep * 128, ok ? src : first, ok ? 16 : 0);
+    const bool row_ok = row0 + it * kRowStep < valid_rows;
+#pragma unroll
+    for (int cb = 0; cb < D / 64; ++cb) {
+      const bool ok = row_ok && (cb * 8 + c) * 8 < head_dim;
+      cp_async16_shared(dst0 + (cb * ROWS + it * kRowStep) * 128, ok ? src + cb * 64 : first, ok ? 16 : 0);
+    }
     src += kRowStep * row_stride;
   }
+}
+
+// ---- mbarriers, named barriers, register reallocation -----------------------------------------
+// A producer warpgroup fills a ring of buffers; each buffer has a "full" mbarrier (completes when
+// the producer's copies into it have landed) and an "empty" one (completes when every consumer
+// warp is done reading it). Phase parity alternates each time a buffer is reused.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Arrives on `bar` once every cp.async this thread issued so far has landed (the barrier's count
+// includes this arrival: .noinc).
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits for every cp.async of this thread, committed to a group or not.
+__device__ __forceinline__ void cp_async_drain() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+// Named barriers 1..15 (0 is __syncthreads): `count` threads take part, some waiting, some arriving.
+__device__ __forceinline__ void named_barrier_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+// Warpgroup-wide register reallocation: the producer gives registers back, the consumers take them.
+template <int kRegs>
+__device__ __forceinline__ void release_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void claim_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 }
 
 // ---- warpgroup MMA ordering -------------------------------------------------------------------

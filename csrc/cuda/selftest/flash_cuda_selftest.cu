@@ -495,6 +495,12 @@ int main() {
     c.causal = true;
     cases.push_back(c);
   }
+  // Enough key tiles that the forward's K/V ring wraps several times (each buffer reused, its
+  // mbarrier phases alternating), with three consumer-warpgroup row blocks in flight.
+  { Case c = make("wgmma ring wraps gqa 2/1 causal d=192", 1, 300, 900, 2, 1, 192); c.causal = true; c.bwd = false; cases.push_back(c); }
+  { Case c = make("wgmma ring wraps d=64", 2, 140, 1100, 2, 2, 64); cases.push_back(c); }
+  // Head dim 64 above 1024 packed rows: the three-consumer tiles (shorter calls take two CTAs per SM).
+  { Case c = make("wgmma three consumers gqa 8/1 paged page=16 d=64", 1, 200, 700, 8, 1, 64); c.page_size = 16; c.seqused = {650}; c.bwd = false; cases.push_back(c); }
   // The Hopper backward's calls (head-dim buckets 64 / 128, fused): odd GQA groups, windows,
   // masked rows, leftpad and seqused.
   { Case c = make("wgmma bwd gqa 3/1 sinks window(70,20) d=128", 2, 150, 333, 3, 1, 128); c.wl = 70; c.wr = 20; c.sinks = true; cases.push_back(c); }
