@@ -3,7 +3,10 @@
 # reference) and the forward tuning harness from csrc/ with nvcc alone (no torch, no pipeline),
 # one object per translation unit in parallel, then run both. Logs go to $OUT.
 #   usage: OUT=... bash ci/gpu-kernel-check.sh        env: ARCH (default 90a), SKIP_TUNE=1, SANITIZE=1,
-#          SANITIZE_ONLY=<text> (the sanitizers run only the self-test cases whose name contains it)
+#          SANITIZE_ONLY=<text> (the sanitizers run only the self-test cases whose name contains it),
+#          SELFTEST_TIMEOUT_S (default 180; the self-test takes ~25 s), SANITIZE_TIMEOUT_S (default
+#          240 per tool): a kernel that hangs ends its run with a "timed out" line naming the last case
+#          started instead of taking the whole device call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/_gpu-out}
@@ -34,16 +37,27 @@ if [ "${SKIP_TUNE:-0}" != 1 ]; then
   nvcc -o "$BUILD/flash_tune" "${library[@]}" "$BUILD/flash_cuda_tune.o" || exit 1
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee -a "$OUT/kernel-check.log"
+# The last case a log had started (its "name [dtype]" line), for the timeout message.
+last_case() { grep -E "\[(bf16|fp16)\]$" "$1" | tail -1; }
 # Correctness first: the self-test, then the timings.
-"$BUILD/flash_selftest" 2>&1 | tee "$OUT/selftest.log" | grep -v -E "^ *ok" | tail -40
+timeout "${SELFTEST_TIMEOUT_S:-180}" "$BUILD/flash_selftest" 2>&1 | tee "$OUT/selftest.log" | grep -v -E "^ *ok" | tail -40
 selftest_rc=${PIPESTATUS[0]}
+if [ "$selftest_rc" = 124 ]; then
+  echo "self-test timed out after ${SELFTEST_TIMEOUT_S:-180} s in: $(last_case "$OUT/selftest.log")" | tee -a "$OUT/kernel-check.log"
+fi
 if [ "${SKIP_TUNE:-0}" != 1 ]; then
   "$BUILD/flash_tune" 2>&1 | tee "$OUT/tune.log"
 fi
 if [ "${SANITIZE:-0}" = 1 ]; then
   for tool in memcheck racecheck synccheck; do
-    FLASH_SELFTEST_ONLY=${SANITIZE_ONLY:-} compute-sanitizer --tool "$tool" "$BUILD/flash_selftest" >"$OUT/sanitizer-$tool.log" 2>&1
-    echo "$tool exit $? $(tail -1 "$OUT/sanitizer-$tool.log")" | tee -a "$OUT/kernel-check.log"
+    FLASH_SELFTEST_ONLY=${SANITIZE_ONLY:-} timeout "${SANITIZE_TIMEOUT_S:-240}" \
+      compute-sanitizer --tool "$tool" "$BUILD/flash_selftest" >"$OUT/sanitizer-$tool.log" 2>&1
+    tool_rc=$?
+    if [ "$tool_rc" = 124 ]; then
+      echo "$tool timed out after ${SANITIZE_TIMEOUT_S:-240} s in: $(last_case "$OUT/sanitizer-$tool.log")" | tee -a "$OUT/kernel-check.log"
+    else
+      echo "$tool exit $tool_rc $(tail -1 "$OUT/sanitizer-$tool.log")" | tee -a "$OUT/kernel-check.log"
+    fi
   done
 fi
 echo "selftest exit $selftest_rc" | tee -a "$OUT/kernel-check.log"

@@ -456,6 +456,9 @@ Case make(const std::string& name, int batch, int sq, int sk, int hq, int hkv, i
 
 int main() {
   std::vector<Case> cases;
+  // Line-buffered even into a pipe (ci/gpu-kernel-check.sh tees it): a run cut short by a hang or a
+  // timeout still shows the case it stopped in.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   cases.push_back(make("basic", 2, 77, 77, 2, 2, 64));
   { Case c = make("causal sq<sk", 2, 40, 100, 2, 2, 128); c.causal = true; cases.push_back(c); }
   { Case c = make("causal sq>sk (masked rows)", 1, 100, 40, 2, 1, 64); c.causal = true; cases.push_back(c); }

@@ -141,6 +141,7 @@ std::vector<float> fetch(const void* dev, size_t n) {
 }  // namespace
 
 int main() {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // line-buffered into ci/gpu-kernel-check.sh's tee
   const Candidate candidates[] = {
       {"w4 mt1 bn64 general", 64, launch_fwd_mma_config<T, 64, 4, 1, 64, false>},
       {"w4 mt2 bn64 plain", 64, launch_fwd_mma_config<T, 64, 4, 2, 64, true>},
