@@ -46,7 +46,7 @@ __device__ __forceinline__ void cp_async_tile_sw128(uint32_t tile, RowPtr row_pt
   static_assert(NT % 64 == 0, "rows of a thread keep their swizzle phase");
   const int c = threadIdx.x % 8;
   const int row0 = threadIdx.x / 8;
-  const uint32_t dst0 = tile + row0 * 128 + ((c ^ (row0 & 7)) << 4);
+  const uint32_t dst0 = tile + row0 * 128 + ((c ^ (row0 & 7)) << 4);  // sw128_offset(row0, c, ROWS)
 #pragma unroll
   for (int it = 0; it < ceil_div(ROWS, kRowStep); ++it) {
     if (ROWS % kRowStep != 0 && row0 + it * kRowStep >= ROWS) break;
@@ -69,7 +69,7 @@ __device__ __forceinline__ void cp_async_rows_sw128(uint32_t tile, const T* firs
   static_assert(NT % 64 == 0, "rows of a thread keep their swizzle phase");
   const int c = threadIdx.x % 8;
   const int row0 = threadIdx.x / 8;
-  const uint32_t dst0 = tile + row0 * 128 + ((c ^ (row0 & 7)) << 4);
+  const uint32_t dst0 = tile + row0 * 128 + ((c ^ (row0 & 7)) << 4);  // sw128_offset(row0, c, ROWS)
   const T* src = first + row0 * row_stride + c * 8;
 #pragma unroll
   for (int it = 0; it < ceil_div(ROWS, kRowStep); ++it) {
