@@ -178,22 +178,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
     fence_proxy_async();
     __syncthreads();  // step mb landed; every thread is done with step mb - 1 and its buffers
 
-    // S^T = K Q^T and dP^T = V dO^T: D / 16 K-steps, step kk 32 bytes into the rows of column
-    // block kk / 4.
+    // S^T = K Q^T and dP^T = V dO^T.
     float s[BM / 2], dp[BM / 2];
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t step = (kk % 4) * 32;
-      Wgmma<T, BM>::ss(s, sw128_desc(sK_wg + (kk / 4) * BN * 128 + step, 16),
-                       sw128_desc(cQ + (kk / 4) * BM * 128 + step, 16), kk > 0);
-    }
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t step = (kk % 4) * 32;
-      Wgmma<T, BM>::ss(dp, sw128_desc(sV_wg + (kk / 4) * BN * 128 + step, 16),
-                       sw128_desc(cdO + (kk / 4) * BM * 128 + step, 16), kk > 0);
-    }
+    wgmma_ss_k_major<T, BM, D>(s, sK_wg, BN, cQ, BM);
+    wgmma_ss_k_major<T, BM, D>(dp, sV_wg, BN, cdO, BM);
     wgmma_commit();
     // The copies' address math runs while the tensor cores work: step mb + kStages - 1 into the
     // buffers of step mb - 1.

@@ -183,16 +183,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
 
   float s[BN / 2];              // S of one tile, then its probabilities P (fp32)
   uint32_t pa[BN / 16][4];      // P as the A operand of O += P V
-  // S = Q K^T of tile n: D / 16 K-steps; step kk is 32 bytes into the 128-byte rows of column block kk / 4.
+  // S = Q K^T of tile n.
   auto issue_s = [&](int n) {
     const uint32_t cK = sK + stage(n) * Cfg::kKVBytes;
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t step = (kk % 4) * 32;
-      Wgmma<T, BN>::ss(s, sw128_desc(sQ_wg + (kk / 4) * BM * 128 + step, 16),
-                       sw128_desc(cK + (kk / 4) * BN * 128 + step, 16), kk > 0);
-    }
+    wgmma_ss_k_major<T, BN, D>(s, sQ_wg, BM, cK, BN);
     wgmma_commit();
   };
   // O += P V of tile n: K-step kk starts 16 rows (2048 bytes) into the V tile, whose column blocks

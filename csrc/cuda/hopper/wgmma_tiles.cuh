@@ -155,6 +155,19 @@ __device__ __forceinline__ void cp_async_wait_group() {
 }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// acc (+)= A B^T over K = D with both operands K-major in the 128-byte swizzled layout: A's column
+// blocks are a_rows rows apart, B's b_rows; K-step kk is 32 bytes into the rows of block kk / 4.
+// N is B's row count (the product's N); the first step overwrites acc.
+template <typename T, int N, int D, int kAcc>
+__device__ __forceinline__ void wgmma_ss_k_major(float (&acc)[kAcc], uint32_t a, int a_rows, uint32_t b, int b_rows) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t step = (kk % 4) * 32;
+    Wgmma<T, N>::ss(acc, sw128_desc(a + (kk / 4) * a_rows * 128 + step, 16),
+                    sw128_desc(b + (kk / 4) * b_rows * 128 + step, 16), kk > 0);
+  }
+}
+
 // Reduces x[0..N) pairwise, halving the count each step (a chain over N was the sm80-class kernel's
 // main stall); written as a recursion so that every step unrolls.
 template <int N, typename Op>
