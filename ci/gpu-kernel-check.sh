@@ -3,7 +3,8 @@
 # reference) and the forward tuning harness from csrc/ with nvcc alone (no torch, no pipeline),
 # one object per translation unit in parallel, then run both. Logs go to $OUT.
 #   usage: OUT=... bash ci/gpu-kernel-check.sh        env: ARCH (default 90a), SKIP_TUNE=1, SANITIZE=1,
-#          SANITIZE_ONLY=<text> (the sanitizers run only the self-test cases whose name contains it),
+#          SANITIZE_ONLY=<text>[|<text>] (the sanitizers run only the self-test cases whose name
+#          contains one of the texts),
 #          SELFTEST_TIMEOUT_S (default 180; the self-test takes ~25 s), SANITIZE_TIMEOUT_S (default
 #          240 per tool): a kernel that hangs ends its run with a "timed out" line naming the last case
 #          started instead of taking the whole device call.

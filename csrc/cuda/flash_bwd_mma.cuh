@@ -276,10 +276,25 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
         return base + q_offset(varlen, bs, rst, hs, si, b, gs.row(r), hk * group + gs.head(r));
       };
     };
-    cp_async_tile<T, D, BR>(sQ + buf * BR * kPitch, q_rows(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride),
-                            p.head_dim, q);
-    cp_async_tile<T, D, BR>(sdO + buf * BR * kPitch, q_rows(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride),
-                            p.head_dim, dout);
+    bool strided = false;  // rows of one head (no GQA packing): one address per tile, no per-row branch
+    if constexpr (kThreads % (D / 8) == 0 && BR % (kThreads / (D / 8)) == 0) {
+      if (group == 1) {
+        cp_async_rows<T, D, BR, kThreads>(
+            sQ + buf * BR * kPitch, q + q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, r0, hk),
+            p.q_row_stride, rows - r0, p.head_dim);
+        cp_async_rows<T, D, BR, kThreads>(
+            sdO + buf * BR * kPitch,
+            dout + q_offset(varlen, p.do_batch_stride, p.do_row_stride, p.do_head_stride, si, b, r0, hk), p.do_row_stride,
+            rows - r0, p.head_dim);
+        strided = true;
+      }
+    }
+    if (!strided) {
+      cp_async_tile<T, D, BR>(sQ + buf * BR * kPitch, q_rows(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride),
+                              p.head_dim, q);
+      cp_async_tile<T, D, BR>(sdO + buf * BR * kPitch,
+                              q_rows(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride), p.head_dim, dout);
+    }
     if (tid < BR) {
       const int r = r0 + tid;
       const bool ok = r < rows;

@@ -119,8 +119,9 @@ __device__ __forceinline__ int64_t kv_offset(const FlashFwdParams& p, int64_t ba
                                              int64_t head_stride, const SeqInfo& s, int b, int j, int hk) {
   const int64_t pos = static_cast<int64_t>(j) + s.k_first;
   if (p.block_table != nullptr) {
-    const int64_t page = p.block_table[b * p.block_table_batch_stride + pos / p.page_size];
-    return page * batch_stride + (pos % p.page_size) * row_stride + hk * head_stride;
+    const int cache_pos = j + s.k_first;  // a cache row (< 2^31): 32-bit division, not 64-bit
+    const int64_t page = p.block_table[b * p.block_table_batch_stride + cache_pos / p.page_size];
+    return page * batch_stride + (cache_pos % p.page_size) * row_stride + hk * head_stride;
   }
   if (p.cu_seqlens_k != nullptr) return (s.k_row0 + pos) * row_stride + hk * head_stride;
   return static_cast<int64_t>(s.kv_batch) * batch_stride + pos * row_stride + hk * head_stride;

@@ -21,8 +21,8 @@ namespace detail {
 
 // Tile shape: BM = 16 * kMT * kWarps query rows, BN keys; with kKeyWarps (decode-like calls of at
 // most 16 packed rows) BM = 16 rows shared by all warps, each warp taking BN / kWarps keys of every
-// tile, merged through shared memory at the end.
-template <int D, int kWarps, int kMT, int BN, bool kKeyWarps = false>
+// tile, merged through shared memory at the end. kStages K/V buffers, kStages - 1 tiles in flight.
+template <int D, int kWarps, int kMT, int BN, bool kKeyWarps = false, int kStages = 2>
 struct FwdMmaConfig {
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = kKeyWarps ? 16 : 16 * kMT * kWarps;
@@ -30,7 +30,7 @@ struct FwdMmaConfig {
   static constexpr int kWarpKeys = kKeyWarps ? BN / kWarps : BN;  // keys of a tile one warp computes
   static constexpr int kPitch = mma_pitch(D);
   static constexpr int kMergePitch = D + 8;  // floats per row of a warp's partial O in the merge
-  static constexpr size_t kSmemBytes = sizeof(uint16_t) * (kBlockM + 4 * kBlockN) * kPitch;
+  static constexpr size_t kSmemBytes = sizeof(uint16_t) * (kBlockM + 2 * kStages * kBlockN) * kPitch;
   static_assert(!kKeyWarps || (kMT == 1 && kWarpKeys % 16 == 0), "key warps: one m-tile, 16-key steps");
   static_assert(!kKeyWarps || sizeof(float) * kWarps * 16 * (kMergePitch + 2) <= kSmemBytes,
                 "the merge reuses the tiles' shared memory");
@@ -42,9 +42,9 @@ struct PackedRow {
   __device__ __forceinline__ PackedRow(int r, int hk, int group) : i(r / group), h(hk * group + r % group) {}
 };
 
-template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain, bool kKeyWarps = false>
+template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain, bool kKeyWarps = false, int kStages = 2>
 __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs args) {
-  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN, kKeyWarps>;
+  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN, kKeyWarps, kStages>;
   static_assert(!kKeyWarps || kPlain, "key warps: plain calls only");
   constexpr int NT = Cfg::kThreads;
   constexpr int BM = Cfg::kBlockM;
@@ -54,8 +54,8 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
   constexpr int kRows = 2 * kMT;   // query rows per thread: row 2*mt + e is fragment half e of m-tile mt
   extern __shared__ __align__(16) uint16_t smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + BM * kPitch;      // [2][BN][kPitch]
-  T* sV = sK + 2 * BN * kPitch;  // [2][BN][kPitch]
+  T* sK = sQ + BM * kPitch;            // [kStages][BN][kPitch]
+  T* sV = sK + kStages * BN * kPitch;  // [kStages][BN][kPitch]
 
   const FlashFwdParams& p = args.p;
   const ScoreArgs& sa = args.s;
@@ -98,18 +98,34 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
     slope[e] = p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + pr.h] : 0.f;
   }
 
-  auto k_rows = [&](const T* base, int64_t bs, int64_t rst, int64_t hs, int j0) {
-    const int64_t tile = kv_tile_offset(p, bs, rst, hs, si, b, j0, BN, hk);
+  // Where the rows of K / V tile n start when they are evenly strided (kv_tile_offset), else -1.
+  // The loop computes it a tile ahead of the copies: in decode its block-table read, a global load,
+  // had sat between every tile's wait and its copies.
+  struct KvStart {
+    int64_t k, v;
+  };
+  auto kv_start = [&](int n) -> KvStart {
+    return {kv_tile_offset(p, p.k_batch_stride, p.k_row_stride, p.k_head_stride, si, b, n * BN, BN, hk),
+            kv_tile_offset(p, p.v_batch_stride, p.v_row_stride, p.v_head_stride, si, b, n * BN, BN, hk)};
+  };
+  auto k_rows = [&](const T* base, int64_t tile, int64_t bs, int64_t rst, int64_t hs, int j0) {
     return [=, &si, &p](int rr) -> const T* {
       if (j0 + rr >= si.sk) return nullptr;
       return base + (tile >= 0 ? tile + rr * rst : kv_offset(p, bs, rst, hs, si, b, j0 + rr, hk));
     };
   };
-  auto load_kv = [&](int n, int buf) {
-    cp_async_tile<T, D, BN, NT>(sK + buf * BN * kPitch,
-                                k_rows(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, n * BN), p.head_dim, k);
-    cp_async_tile<T, D, BN, NT>(sV + buf * BN * kPitch,
-                                k_rows(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, n * BN), p.head_dim, v);
+  auto load_kv = [&](int n, int buf, const KvStart& at) {
+    T* dk = sK + buf * BN * kPitch;
+    T* dv = sV + buf * BN * kPitch;
+    if constexpr (NT % (D / 8) == 0 && BN % (NT / (D / 8)) == 0) {
+      if (at.k >= 0 && at.v >= 0) {
+        cp_async_rows<T, D, BN, NT>(dk, k + at.k, p.k_row_stride, si.sk - n * BN, p.head_dim);
+        cp_async_rows<T, D, BN, NT>(dv, v + at.v, p.v_row_stride, si.sk - n * BN, p.head_dim);
+        return;
+      }
+    }
+    cp_async_tile<T, D, BN, NT>(dk, k_rows(k, at.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, n * BN), p.head_dim, k);
+    cp_async_tile<T, D, BN, NT>(dv, k_rows(v, at.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, n * BN), p.head_dim, v);
   };
 
   float o[kMT][kDT][4];
@@ -131,20 +147,26 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
       if (r >= rows) return nullptr;
       return q + q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, r / group, hk * group + r % group);
     }, p.head_dim, q);
-    load_kv(n_lo, 0);
+    load_kv(n_lo, 0, kv_start(n_lo));
     cp_async_commit();
+    // The first kStages - 1 tiles in flight; empty groups keep one group per tile for the waits.
+    for (int st = 1; st < kStages - 1; ++st) {
+      if (n_lo + st < n_hi) load_kv(n_lo + st, st, kv_start(n_lo + st));
+      cp_async_commit();
+    }
   }
+  KvStart ahead{-1, -1};  // the next tile to copy's rows
+  if (n_lo + kStages - 1 < n_hi) ahead = kv_start(n_lo + kStages - 1);
 
   const int mi = lane >> 3;  // which of the four ldmatrix matrices this lane addresses
   const int rr = lane & 7;
   for (int n = n_lo; n < n_hi; ++n) {
-    const int buf = (n - n_lo) & 1;
-    cp_async_wait_all();
-    __syncthreads();  // tile n visible to all warps; every warp is done with tile n-1 (buffer buf^1)
-    if (n + 1 < n_hi) {
-      load_kv(n + 1, buf ^ 1);
-      cp_async_commit();
-    }
+    const int buf = (n - n_lo) % kStages;
+    cp_async_wait_group<kStages - 2>();  // tile n landed (the kStages - 2 after it may be in flight)
+    __syncthreads();  // tile n visible to all warps; every warp is done with tile n-1, whose buffer is refilled
+    if (n + kStages - 1 < n_hi) load_kv(n + kStages - 1, (n - n_lo + kStages - 1) % kStages, ahead);
+    if (kStages > 2 || n + 1 < n_hi) cp_async_commit();
+    if (n + kStages < n_hi) ahead = kv_start(n + kStages);  // read while this tile's products run
     const T* cK = sK + buf * BN * kPitch;
     const T* cV = sV + buf * BN * kPitch;
     const int j0 = n * BN;
@@ -402,10 +424,10 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
   }
 }
 
-template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain, bool kKeyWarps = false>
+template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain, bool kKeyWarps = false, int kStages = 2>
 void launch_fwd_mma_config(const FwdArgs& args, cudaStream_t stream) {
-  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN, kKeyWarps>;
-  auto kernel = fwd_mma_kernel<T, D, kWarps, kMT, BN, kPlain, kKeyWarps>;
+  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN, kKeyWarps, kStages>;
+  auto kernel = fwd_mma_kernel<T, D, kWarps, kMT, BN, kPlain, kKeyWarps, kStages>;
   set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute(fwd_mma_kernel)");
   const FlashFwdParams& p = args.p;
   const dim3 grid(ceil_div(p.seqlen_q * args.s.group, Cfg::kBlockM), p.heads_kv * args.num_splits, p.batch);
@@ -414,10 +436,10 @@ void launch_fwd_mma_config(const FwdArgs& args, cudaStream_t stream) {
 }
 
 // CTAs of one split of a call and how many CTAs of its kernel an SM holds (for the split heuristic).
-template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain, bool kKeyWarps = false>
+template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain, bool kKeyWarps = false, int kStages = 2>
 FwdOccupancy fwd_mma_config_occupancy(const FwdArgs& args) {
-  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN, kKeyWarps>;
-  auto kernel = fwd_mma_kernel<T, D, kWarps, kMT, BN, kPlain, kKeyWarps>;
+  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN, kKeyWarps, kStages>;
+  auto kernel = fwd_mma_kernel<T, D, kWarps, kMT, BN, kPlain, kKeyWarps, kStages>;
   set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute(fwd_mma_kernel)");
   int per_sm = 0;
   check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::kThreads, Cfg::kSmemBytes),

@@ -48,6 +48,11 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_b
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// Waits until at most `kPending` of this thread's most recent cp.async groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* ptr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -126,6 +131,27 @@ __device__ __forceinline__ void cp_async_tile(T* tile, RowPtr row_ptr, int head_
       const T* src = c * 8 < head_dim ? row_ptr(row) : nullptr;
       cp_async16(tile + row * kPitch + c * 8, src != nullptr ? src + c * 8 : any_valid, src != nullptr ? 16 : 0);
     }
+  }
+}
+
+// The same for a tile whose rows are `row_stride` elements apart from `first` (one address per tile:
+// not paged, or inside one page); rows at or past `valid_rows` are zero-filled. No per-row lookup or
+// branch: each thread steps one pointer through its rows.
+template <typename T, int D, int ROWS, int NT>
+__device__ __forceinline__ void cp_async_rows(T* tile, const T* first, int64_t row_stride, int valid_rows, int head_dim) {
+  constexpr int kChunks = D / 8;
+  constexpr int kPitch = mma_pitch(D);
+  static_assert(NT % kChunks == 0 && ROWS % (NT / kChunks) == 0, "each thread copies one column of evenly spaced rows");
+  constexpr int kRowStep = NT / kChunks;
+  const int c = threadIdx.x % kChunks;
+  const int row0 = threadIdx.x / kChunks;
+  const bool column_ok = c * 8 < head_dim;
+  const T* src = first + row0 * row_stride + c * 8;
+#pragma unroll
+  for (int it = 0; it < ROWS / kRowStep; ++it) {
+    const bool ok = column_ok && row0 + it * kRowStep < valid_rows;
+    cp_async16(tile + (row0 + it * kRowStep) * kPitch + c * 8, ok ? src : first, ok ? 16 : 0);
+    src += kRowStep * row_stride;
   }
 }
 

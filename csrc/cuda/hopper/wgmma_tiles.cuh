@@ -149,10 +149,6 @@ __device__ __forceinline__ void pin_registers(uint32_t (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 // cp.async writes through the generic proxy, wgmma reads through the async proxy.
-template <int N>
-__device__ __forceinline__ void cp_async_wait_group() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // acc (+)= A B^T over K = D with both operands K-major in the 128-byte swizzled layout: A's column

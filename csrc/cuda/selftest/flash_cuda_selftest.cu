@@ -5,7 +5,7 @@
 //   nvcc -std=c++17 -O2 --expt-relaxed-constexpr -arch=sm_90a -I csrc csrc/cuda/selftest/flash_cuda_selftest.cu \
 //        csrc/cuda/flash_fwd.cu csrc/cuda/flash_bwd.cu csrc/cuda/instantiations/*.cu -o /tmp/flash_selftest
 //   /tmp/flash_selftest            # every case; exit status 1 when one fails
-//   FLASH_SELFTEST_ONLY=wgmma /tmp/flash_selftest   # the cases whose name contains "wgmma"
+//   FLASH_SELFTEST_ONLY=wgmma /tmp/flash_selftest   # the cases whose name contains "wgmma" (or a|b: either)
 // (ci/gpu-kernel-check.sh builds it one object per translation unit in parallel and runs it.)
 //
 // Each forward case runs on the SIMT kernel (FLASH_ATTN_CUDA_SIMT=1), the sm80-class tensor-core kernel
@@ -560,10 +560,21 @@ int main() {
     c.bwd = false;
     cases.push_back(c);
   }
-  // FLASH_SELFTEST_ONLY=<text>: only the cases whose name contains it (a small grid for the sanitizers).
+  // FLASH_SELFTEST_ONLY=<text>[|<text>...]: only the cases whose name contains one of the texts (a
+  // small grid for the sanitizers).
   const char* only = std::getenv("FLASH_SELFTEST_ONLY");
+  auto selected = [&](const std::string& name) {
+    if (only == nullptr) return true;
+    const std::string texts = only;
+    for (size_t start = 0;;) {
+      const size_t bar = texts.find('|', start);
+      if (name.find(texts.substr(start, bar - start)) != std::string::npos) return true;
+      if (bar == std::string::npos) return false;
+      start = bar + 1;
+    }
+  };
   for (const Case& base : cases) {
-    if (only != nullptr && base.name.find(only) == std::string::npos) continue;
+    if (!selected(base.name)) continue;
     for (DType dt : {DType::kBFloat16, DType::kFloat16}) {
       Case c = base;
       c.dtype = dt;

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstdio>
 #include <algorithm>
+#include <chrono>
 #include <random>
 #include <string>
 #include <vector>
@@ -68,6 +69,38 @@ flash::FlashBwdParams make_bwd_params(const flash::FlashFwdParams& fp, void* dou
   bp.do_batch_stride = bp.dq_batch_stride = bp.dk_batch_stride = bp.dv_batch_stride = fp.q_batch_stride;
   bp.workspace = workspace;
   return bp;
+}
+
+// The read rate a decode kernel can approach: K and V of the paged decode cache (pages of `page`
+// keys x heads_kv x d) read and folded into a sink the way a decode CTA would, as 16-byte loads, eight
+// in flight per thread. Per (batch, KV head, split) CTA, the head's 256-byte rows of every page
+// (heads_fastest: blockIdx.y = split * heads_kv + hk, else hk * splits + split); with whole_rows,
+// per (batch, split) CTA, whole key rows of every head (contiguous pages).
+__global__ void read_kv_kernel(const uint4* k, const uint4* v, const int32_t* table, int pages_per_seq, int page,
+                               int heads_kv, int vecs_per_head, int cache, int splits, bool heads_fastest,
+                               bool whole_rows, uint4* sink) {
+  const int b = blockIdx.z, y = blockIdx.y;
+  const int hk = whole_rows ? 0 : heads_fastest ? y % heads_kv : y / splits;
+  const int split = whole_rows ? y : heads_fastest ? y / heads_kv : y % splits;
+  const int per = (cache + splits - 1) / splits;
+  const int j0 = split * per, j1 = min(cache, j0 + per);
+  const int row_vecs = whole_rows ? heads_kv * vecs_per_head : vecs_per_head;  // 16-byte loads per key row
+  const int col = threadIdx.x % row_vecs, step = blockDim.x / row_vecs;
+  uint32_t acc = 0;
+  for (int j = j0 + static_cast<int>(threadIdx.x) / row_vecs; j < j1; j += 8 * step) {
+    uint4 x[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int jj = min(j + u * step, j1 - 1);
+      const int64_t row = static_cast<int64_t>(table[b * pages_per_seq + jj / page]) * page + jj % page;
+      const int64_t at = (row * heads_kv + hk) * vecs_per_head + col;
+      const uint4 a = k[at], c = v[at];
+      x[u] = make_uint4(a.x ^ c.x, a.y ^ c.y, a.z ^ c.z, a.w ^ c.w);
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) acc ^= x[u].x ^ x[u].y ^ x[u].z ^ x[u].w;
+  }
+  if (acc == 0x9e3779b9u) sink[0] = make_uint4(acc, 0, 0, 0);  // keeps the loads; never true in practice
 }
 
 using Launch = void (*)(const FwdArgs&, cudaStream_t);
@@ -355,10 +388,30 @@ int main() {
                   bad ? "  FAIL" : "");
     };
     report_decode("w4 mt1 bn64 plain", [&] { launch_fwd_mma_config<T, 128, 4, 1, 64, true>(args, nullptr); });
-    report_decode("key warps bn64", [&] { launch_fwd_mma_config<T, 128, 4, 1, 64, true, true>(args, nullptr); });
     float *out_accum, *lse_accum;
-    CHECK_CUDA(cudaMalloc(&out_accum, 4ull * batch * hq * d * sizeof(float)));
-    CHECK_CUDA(cudaMalloc(&lse_accum, 4ull * batch * hq * sizeof(float)));
+    CHECK_CUDA(cudaMalloc(&out_accum, 8ull * batch * hq * d * sizeof(float)));
+    CHECK_CUDA(cudaMalloc(&lse_accum, 8ull * batch * hq * sizeof(float)));
+    // Key-warps candidates (warps, keys per tile, K/V stages): checked whole, then timed per split
+    // count without the combine (the same small kernel for every candidate).
+    auto report_key_warps = [&](const char* name, auto launch) {
+      report_decode(name, [&] { launch(args); });
+      for (int splits : {2, 3, 4, 6}) {
+        FwdArgs sp{p, make_score_args(p), splits};
+        sp.p.num_splits = splits;
+        sp.p.out_accum = out_accum;
+        sp.p.lse_accum = lse_accum;
+        const float ms = time_ms([&] { launch(sp); });
+        std::printf("decode %-19s x%d %9.1f us %8.1f GB/s\n", name, splits, ms * 1e3, bytes / ms / 1e6);
+      }
+    };
+    report_key_warps("key warps w4 bn64 s2", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 4, 1, 64, true, true, 2>(a, nullptr); });
+    report_key_warps("key warps w4 bn64 s3", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 4, 1, 64, true, true, 3>(a, nullptr); });
+    report_key_warps("key warps w4 bn64 s4", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 4, 1, 64, true, true, 4>(a, nullptr); });
+    report_key_warps("key warps w2 bn32 s4", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 2, 1, 32, true, true, 4>(a, nullptr); });
+    report_key_warps("key warps w2 bn32 s6", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 2, 1, 32, true, true, 6>(a, nullptr); });
+    report_key_warps("key warps w4 bn64 s6", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 4, 1, 64, true, true, 6>(a, nullptr); });
+    report_key_warps("key warps w8 bn128 s2", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 8, 1, 128, true, true, 2>(a, nullptr); });
+    report_key_warps("key warps w8 bn128 s3", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 8, 1, 128, true, true, 3>(a, nullptr); });
     for (int splits : {1, 2, 3, 4}) {
       flash::FlashFwdParams ps = p;
       ps.num_splits = splits;
@@ -367,9 +420,42 @@ int main() {
       const std::string name = "run_fwd (" + std::to_string(splits) + " split)";
       report_decode(name.c_str(), [&] { flash::cuda::run_fwd(ps, nullptr); });
     }
+    // The read ceiling on the same cache and page order (read_kv_kernel), 3 splits of 128 threads.
+    uint4* sink;
+    CHECK_CUDA(cudaMalloc(&sink, sizeof(uint4)));
+    auto report_read = [&](const char* name, int splits, bool heads_fastest, bool whole_rows) {
+      const dim3 grid(1, whole_rows ? splits : hkv * splits, batch);
+      const float ms = time_ms([&] {
+        read_kv_kernel<<<grid, 128>>>(static_cast<const uint4*>(kc), static_cast<const uint4*>(vc), table, pages_per_seq,
+                                      page, hkv, d * 2 / 16, cache, splits, heads_fastest, whole_rows, sink);
+      });
+      CHECK_CUDA(cudaGetLastError());
+      std::printf("decode read %-19s %9.1f us %8.1f GB/s\n", name, ms * 1e3, bytes / ms / 1e6);
+    };
+    report_read("heads slowest x3", 3, false, false);
+    report_read("heads fastest x3", 3, true, false);
+    report_read("heads fastest x8", 8, true, false);
+    report_read("whole rows x24", 24, false, true);
+    report_read("whole rows x64", 64, false, true);
+    CHECK_CUDA(cudaFree(sink));
     flash::FlashFwdParams ph = p;
     ph.num_splits = 0;
     std::printf("decode split heuristic: %d\n", flash::cuda::fwd_num_splits(ph));
+    {
+      // Host time of one decode call before the GPU sees it: the split choice, and run_fwd's whole
+      // enqueue (50 calls queued behind each other; the GPU is still busy when the loop ends).
+      ph.out_accum = out_accum;
+      ph.lse_accum = lse_accum;
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < 1000; ++i) (void)flash::cuda::fwd_num_splits(ph);
+      const auto t1 = std::chrono::steady_clock::now();
+      for (int i = 0; i < 50; ++i) flash::cuda::run_fwd(ph, nullptr);
+      const auto t2 = std::chrono::steady_clock::now();
+      CHECK_CUDA(cudaDeviceSynchronize());
+      std::printf("decode host: split heuristic %.2f us, run_fwd enqueue %.2f us per call\n",
+                  std::chrono::duration<double, std::micro>(t1 - t0).count() / 1000,
+                  std::chrono::duration<double, std::micro>(t2 - t1).count() / 50);
+    }
     CHECK_CUDA(cudaFree(out_accum));
     CHECK_CUDA(cudaFree(lse_accum));
     CHECK_CUDA(cudaFree(kc));
