@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
       cp_async_commit();
     }
   }
-  KvStart ahead{-1, -1};  // the next tile to copy's rows
+  KvStart ahead{-1, -1};  // start of the next tile to copy
   if (n_lo + kStages - 1 < n_hi) ahead = kv_start(n_lo + kStages - 1);
 
   const int mi = lane >> 3;  // which of the four ldmatrix matrices this lane addresses

@@ -316,8 +316,8 @@ int main() {
   }
 
   // (2) Decode: seqlen_q 1, batch 64, cache 8192 keys through a shuffled block table of 256-key
-  // pages, heads 32:8, head dim 128 (a 4-stage and a 6-stage K/V ring at one CTA per SM were tried
-  // here: 2594 / 2552 us against 1537 us for the 2-stage ring at two CTAs per SM).
+  // pages, heads 32:8, head dim 128: key-warps shapes and stage counts, the production entry per
+  // split count, the read ceiling and the host time of a call (cuda_kernel_notes.md, v7).
   if (section("decode")) {
     const int batch = 64, cache = 8192, page = 256, hq = 32, hkv = 8, d = 128;
     const int pages_per_seq = cache / page, num_pages = batch * pages_per_seq;
