@@ -187,9 +187,9 @@ void launch_fwd(flash::FlashFwdParams& p, const Tensor& q) {
     // split-KV: the kernel picks the count (params.num_splits when > 0, else its heuristic);
     // for more than one split it needs the float32 partial outputs of flash_params.h
     const int splits = flash::cuda::fwd_num_splits(p);
+    p.num_splits = splits;  // run_fwd takes the count as chosen here instead of choosing again
     Tensor out_accum, lse_accum;
     if (splits > 1) {
-      p.num_splits = splits;
       out_accum = new_tensor(q, {splits, p.batch, p.heads_q, p.seqlen_q, p.head_dim}, ScalarType::Float, false);
       lse_accum = new_tensor(q, {splits, p.batch, p.heads_q, p.seqlen_q}, ScalarType::Float, false);
       p.out_accum = static_cast<float*>(data_ptr(out_accum));

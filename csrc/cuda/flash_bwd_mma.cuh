@@ -94,8 +94,6 @@ __global__ void __launch_bounds__(kThreads, 1) dq_mma_kernel(const BwdArgs args)
 
   const T* q = static_cast<const T*>(p.q);
   const T* dout = static_cast<const T*>(p.dout);
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
   auto q_rows = [&](const T* base, int64_t bs, int64_t rst, int64_t hs) {
     return [=, &si](int rw) -> const T* {
       const int r = r0 + rw;
@@ -103,17 +101,10 @@ __global__ void __launch_bounds__(kThreads, 1) dq_mma_kernel(const BwdArgs args)
       return base + q_offset(varlen, bs, rst, hs, si, b, r / group, hk * group + r % group);
     };
   };
-  auto k_rows = [&](const T* base, int64_t bs, int64_t rst, int64_t hs, int j0) {
-    return [=, &si, &p](int rw) -> const T* {
-      if (j0 + rw >= si.sk) return nullptr;
-      return base + kv_offset(p, bs, rst, hs, si, b, j0 + rw, hk);
-    };
-  };
-  auto load_kv = [&](int n, int buf) {
-    cp_async_tile<T, D, BN>(sK + buf * BN * kPitch, k_rows(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, n * BN),
-                            p.head_dim, k);
-    cp_async_tile<T, D, BN>(sV + buf * BN * kPitch, k_rows(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, n * BN),
-                            p.head_dim, v);
+  const KvTileCopier<T, D, BN, kThreads> kv{p, si, b, hk};
+  using KvStart = typename KvTileCopier<T, D, BN, kThreads>::Start;
+  auto load_kv = [&](int n, int buf, const KvStart& at) {
+    kv.copy(sK + buf * BN * kPitch, sV + buf * BN * kPitch, n, at);
   };
 
   float acc[kDT][4];
@@ -123,18 +114,21 @@ __global__ void __launch_bounds__(kThreads, 1) dq_mma_kernel(const BwdArgs args)
   if (n_begin < n_end) {
     cp_async_tile<T, D, BM>(sQ, q_rows(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride), p.head_dim, q);
     cp_async_tile<T, D, BM>(sdO, q_rows(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride), p.head_dim, dout);
-    load_kv(n_begin, 0);
+    load_kv(n_begin, 0, kv.start(n_begin));
     cp_async_commit();
   }
+  KvStart ahead{-1, -1};  // start of the next tile to copy, found a tile ahead
+  if (n_begin + 1 < n_end) ahead = kv.start(n_begin + 1);
 
   for (int n = n_begin; n < n_end; ++n) {
     const int buf = (n - n_begin) & 1;
     cp_async_wait_all();
     __syncthreads();  // tile n visible; every warp is done with buffer buf^1
     if (n + 1 < n_end) {
-      load_kv(n + 1, buf ^ 1);
+      load_kv(n + 1, buf ^ 1, ahead);
       cp_async_commit();
     }
+    if (n + 2 < n_end) ahead = kv.start(n + 2);
     const T* cK = sK + buf * BN * kPitch;
     const T* cV = sV + buf * BN * kPitch;
     const int j0 = n * BN;
@@ -234,8 +228,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
   T* sdO = sQ + 2 * BR * kPitch;   // [2][BR][kPitch]
   T* sdS = sdO + 2 * BR * kPitch;  // [BK][kDsPitch]: dS^T of the current row block (kFusedDq)
   // Row scalars of the two buffered row blocks, [2][BR] each.
-  float* sLse = reinterpret_cast<float*>(sdS + BK * kDsPitch);  // log2 domain when kPlain
-  float* sDi = sLse + 2 * BR;                                   // times softmax_scale when kPlain
+  float* sLse = reinterpret_cast<float*>(sdS + BK * kDsPitch);
+  float* sDi = sLse + 2 * BR;
   float* sSlope = sDi + 2 * BR;
   int* sI = reinterpret_cast<int*>(sSlope + 2 * BR);  // query row of each packed row, -1 past the end
 
@@ -258,14 +252,6 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
 
   const T* q = static_cast<const T*>(p.q);
   const T* dout = static_cast<const T*>(p.dout);
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
-  auto k_rows = [&](const T* base, int64_t bs, int64_t rst, int64_t hs) {
-    return [=, &si, &p](int rw) -> const T* {
-      if (j0 + rw >= si.sk) return nullptr;
-      return base + kv_offset(p, bs, rst, hs, si, b, j0 + rw, hk);
-    };
-  };
   // Copies of row block mb into buffer buf: Q and dO through cp.async, the scalars directly.
   auto load_rows = [&](int mb, int buf) {
     const int r0 = mb * BR;
@@ -276,16 +262,23 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
         return base + q_offset(varlen, bs, rst, hs, si, b, gs.row(r), hk * group + gs.head(r));
       };
     };
-    bool strided = false;  // rows of one head (no GQA packing): one address per tile, no per-row branch
-    if constexpr (kThreads % (D / 8) == 0 && BR % (kThreads / (D / 8)) == 0) {
-      if (group == 1) {
-        cp_async_rows<T, D, BR, kThreads>(
-            sQ + buf * BR * kPitch, q + q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, r0, hk),
-            p.q_row_stride, rows - r0, p.head_dim);
-        cp_async_rows<T, D, BR, kThreads>(
+    // Packed rows r0 + row, r0 + row + kRowStep, ... of one thread share a head when the group
+    // divides kRowStep, and are then kRowStep / group query rows apart: one pointer per thread.
+    bool strided = false;
+    constexpr int kChunks = D / 8;
+    if constexpr (kThreads % kChunks == 0 && BR % (kThreads / kChunks) == 0) {
+      constexpr int kRowStep = kThreads / kChunks;
+      if (kRowStep % group == 0) {
+        const int r = r0 + tid / kChunks;  // this thread's first packed row
+        const int i = gs.row(r), h = hk * group + gs.head(r);
+        const int64_t step = kRowStep / group;
+        cp_async_thread_rows<T, D, BR, kThreads>(
+            sQ + buf * BR * kPitch, q + q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, i, h),
+            step * p.q_row_stride, rows - r0, p.head_dim, q);
+        cp_async_thread_rows<T, D, BR, kThreads>(
             sdO + buf * BR * kPitch,
-            dout + q_offset(varlen, p.do_batch_stride, p.do_row_stride, p.do_head_stride, si, b, r0, hk), p.do_row_stride,
-            rows - r0, p.head_dim);
+            dout + q_offset(varlen, p.do_batch_stride, p.do_row_stride, p.do_head_stride, si, b, i, h),
+            step * p.do_row_stride, rows - r0, p.head_dim, dout);
         strided = true;
       }
     }
@@ -301,10 +294,10 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
       const int i = ok ? gs.row(r) : 0;
       const int h = hk * group + (ok ? gs.head(r) : 0);
       sI[buf * BR + tid] = ok ? i : -1;
-      const float lse = ok ? p.softmax_lse[lse_offset(p, si, b, i, h)] : 0.f;
-      sLse[buf * BR + tid] = kPlain ? lse * kLog2e : lse;
-      const float di = ok ? p.workspace[di_offset(p, b, h, i)] : 0.f;
-      sDi[buf * BR + tid] = kPlain ? di * p.softmax_scale : di;  // plain: dS = P (dP scale - Di scale)
+      // lse and Di complete with the block's copies: a load here would hold this thread (and the
+      // block's next barrier) for a global round trip.
+      cp_async4(sLse + buf * BR + tid, p.softmax_lse + lse_offset(p, si, b, i, h), ok ? 4 : 0);
+      cp_async4(sDi + buf * BR + tid, p.workspace + di_offset(p, b, h, i), ok ? 4 : 0);
       sSlope[buf * BR + tid] = !kPlain && p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
     }
   };
@@ -312,8 +305,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
   const BlockRange steps = visible_row_blocks(sa, si, j0, BK, BR);  // packed rows, in steps of BR
   const int m_begin = steps.begin, m_end = steps.end;
 
-  cp_async_tile<T, D, BK>(sK, k_rows(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride), p.head_dim, k);
-  cp_async_tile<T, D, BK>(sV, k_rows(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride), p.head_dim, v);
+  const KvTileCopier<T, D, BK, kThreads> kv{p, si, b, hk};
+  kv.copy(sK, sV, j0 / BK, kv.start(j0 / BK));
   if (m_begin < m_end) load_rows(m_begin, 0);
   cp_async_commit();
 
@@ -384,8 +377,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
         float prob = 0.f, ds = 0.f;
         if (kPlain) {
           if (!need_mask || (cI[col] >= 0 && visible(sa, cI[col], j, si.sq, si.sk))) {
-            prob = fast_exp2(fmaf(st[t][c], scale_log2, -cLse[col]));
-            ds = prob * fmaf(dpt[t][c], p.softmax_scale, -cDi[col]);
+            prob = fast_exp2(fmaf(st[t][c], scale_log2, -cLse[col] * kLog2e));
+            ds = prob * ((dpt[t][c] - cDi[col]) * p.softmax_scale);
           }
         } else {
           const int i = cI[col];

@@ -36,6 +36,7 @@ namespace cuda {
 namespace detail {
 
 constexpr int kThreads = 128;  // threads per CTA of the SIMT kernels
+constexpr int kMaxDevices = 64;  // devices a per-device memo (attributes, occupancy) holds
 constexpr int kBlockM = 32;    // query rows per tile (4 threads per row)
 constexpr int kBlockN = 32;    // keys per tile
 constexpr int kMaxSplits = 128;
@@ -117,11 +118,10 @@ __device__ __forceinline__ int64_t q_offset(bool varlen, int64_t batch_stride, i
 // Offset (elements) of key j (after leftpad), head hk of a k-like tensor (k, v, dk, dv).
 __device__ __forceinline__ int64_t kv_offset(const FlashFwdParams& p, int64_t batch_stride, int64_t row_stride,
                                              int64_t head_stride, const SeqInfo& s, int b, int j, int hk) {
-  const int64_t pos = static_cast<int64_t>(j) + s.k_first;
+  const int pos = j + s.k_first;  // a stored row (< k_stored, an int): 32-bit page division
   if (p.block_table != nullptr) {
-    const int cache_pos = j + s.k_first;  // a cache row (< 2^31): 32-bit division, not 64-bit
-    const int64_t page = p.block_table[b * p.block_table_batch_stride + cache_pos / p.page_size];
-    return page * batch_stride + (cache_pos % p.page_size) * row_stride + hk * head_stride;
+    const int64_t page = p.block_table[b * p.block_table_batch_stride + pos / p.page_size];
+    return page * batch_stride + (pos % p.page_size) * row_stride + hk * head_stride;
   }
   if (p.cu_seqlens_k != nullptr) return (s.k_row0 + pos) * row_stride + hk * head_stride;
   return static_cast<int64_t>(s.kv_batch) * batch_stride + pos * row_stride + hk * head_stride;

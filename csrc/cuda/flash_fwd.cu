@@ -44,7 +44,6 @@ __device__ int g_sm90a_code = 0;
 bool hopper_kernels_enabled() {
   const char* hopper = std::getenv("FLASH_ATTN_CUDA_HOPPER");
   if ((hopper != nullptr && hopper[0] == '0') || env_flag("FLASH_ATTN_CUDA_SIMT")) return false;
-  constexpr int kMaxDevices = 64;
   static int8_t known[kMaxDevices] = {};  // 0 unknown, 1 yes, -1 no
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");

@@ -13,6 +13,8 @@
 // Same contract and results as fwd_kernel (flash_fwd.cu). Fragment layouts: flash_mma.cuh.
 #pragma once
 
+#include <atomic>
+
 #include "flash_mma.cuh"
 
 namespace flash {
@@ -21,8 +23,9 @@ namespace detail {
 
 // Tile shape: BM = 16 * kMT * kWarps query rows, BN keys; with kKeyWarps (decode-like calls of at
 // most 16 packed rows) BM = 16 rows shared by all warps, each warp taking BN / kWarps keys of every
-// tile, merged through shared memory at the end. kStages K/V buffers, kStages - 1 tiles in flight.
-template <int D, int kWarps, int kMT, int BN, bool kKeyWarps = false, int kStages = 2>
+// tile, merged through shared memory at the end. kStages K/V buffers, kStages - 1 tiles in flight;
+// kMinCtas CTAs per SM asked of the register allocation (__launch_bounds__).
+template <int D, int kWarps, int kMT, int BN, bool kKeyWarps = false, int kStages = 2, int kMinCtas = 2>
 struct FwdMmaConfig {
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = kKeyWarps ? 16 : 16 * kMT * kWarps;
@@ -42,9 +45,10 @@ struct PackedRow {
   __device__ __forceinline__ PackedRow(int r, int hk, int group) : i(r / group), h(hk * group + r % group) {}
 };
 
-template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain, bool kKeyWarps = false, int kStages = 2>
-__global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs args) {
-  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN, kKeyWarps, kStages>;
+template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain, bool kKeyWarps = false, int kStages = 2,
+          int kMinCtas = 2>
+__global__ void __launch_bounds__(32 * kWarps, kMinCtas) fwd_mma_kernel(const FwdArgs args) {
+  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN, kKeyWarps, kStages, kMinCtas>;
   static_assert(!kKeyWarps || kPlain, "key warps: plain calls only");
   constexpr int NT = Cfg::kThreads;
   constexpr int BM = Cfg::kBlockM;
@@ -71,8 +75,6 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
 
   const bool varlen = p.cu_seqlens_q != nullptr;
   const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
 
   const int i_lo = r0 / group;
   const int i_hi = (min(r0 + BM, rows) - 1) / group;
@@ -98,34 +100,10 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
     slope[e] = p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + pr.h] : 0.f;
   }
 
-  // Where the rows of K / V tile n start when they are evenly strided (kv_tile_offset), else -1.
-  // The loop computes it a tile ahead of the copies: in decode its block-table read, a global load,
-  // had sat between every tile's wait and its copies.
-  struct KvStart {
-    int64_t k, v;
-  };
-  auto kv_start = [&](int n) -> KvStart {
-    return {kv_tile_offset(p, p.k_batch_stride, p.k_row_stride, p.k_head_stride, si, b, n * BN, BN, hk),
-            kv_tile_offset(p, p.v_batch_stride, p.v_row_stride, p.v_head_stride, si, b, n * BN, BN, hk)};
-  };
-  auto k_rows = [&](const T* base, int64_t tile, int64_t bs, int64_t rst, int64_t hs, int j0) {
-    return [=, &si, &p](int rr) -> const T* {
-      if (j0 + rr >= si.sk) return nullptr;
-      return base + (tile >= 0 ? tile + rr * rst : kv_offset(p, bs, rst, hs, si, b, j0 + rr, hk));
-    };
-  };
+  const KvTileCopier<T, D, BN, NT> kv{p, si, b, hk};
+  using KvStart = typename KvTileCopier<T, D, BN, NT>::Start;
   auto load_kv = [&](int n, int buf, const KvStart& at) {
-    T* dk = sK + buf * BN * kPitch;
-    T* dv = sV + buf * BN * kPitch;
-    if constexpr (NT % (D / 8) == 0 && BN % (NT / (D / 8)) == 0) {
-      if (at.k >= 0 && at.v >= 0) {
-        cp_async_rows<T, D, BN, NT>(dk, k + at.k, p.k_row_stride, si.sk - n * BN, p.head_dim);
-        cp_async_rows<T, D, BN, NT>(dv, v + at.v, p.v_row_stride, si.sk - n * BN, p.head_dim);
-        return;
-      }
-    }
-    cp_async_tile<T, D, BN, NT>(dk, k_rows(k, at.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, n * BN), p.head_dim, k);
-    cp_async_tile<T, D, BN, NT>(dv, k_rows(v, at.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, n * BN), p.head_dim, v);
+    kv.copy(sK + buf * BN * kPitch, sV + buf * BN * kPitch, n, at);
   };
 
   float o[kMT][kDT][4];
@@ -147,16 +125,16 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
       if (r >= rows) return nullptr;
       return q + q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, r / group, hk * group + r % group);
     }, p.head_dim, q);
-    load_kv(n_lo, 0, kv_start(n_lo));
+    load_kv(n_lo, 0, kv.start(n_lo));
     cp_async_commit();
     // The first kStages - 1 tiles in flight; empty groups keep one group per tile for the waits.
     for (int st = 1; st < kStages - 1; ++st) {
-      if (n_lo + st < n_hi) load_kv(n_lo + st, st, kv_start(n_lo + st));
+      if (n_lo + st < n_hi) load_kv(n_lo + st, st, kv.start(n_lo + st));
       cp_async_commit();
     }
   }
   KvStart ahead{-1, -1};  // start of the next tile to copy
-  if (n_lo + kStages - 1 < n_hi) ahead = kv_start(n_lo + kStages - 1);
+  if (n_lo + kStages - 1 < n_hi) ahead = kv.start(n_lo + kStages - 1);
 
   const int mi = lane >> 3;  // which of the four ldmatrix matrices this lane addresses
   const int rr = lane & 7;
@@ -166,7 +144,7 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
     __syncthreads();  // tile n visible to all warps; every warp is done with tile n-1, whose buffer is refilled
     if (n + kStages - 1 < n_hi) load_kv(n + kStages - 1, (n - n_lo + kStages - 1) % kStages, ahead);
     if (kStages > 2 || n + 1 < n_hi) cp_async_commit();
-    if (n + kStages < n_hi) ahead = kv_start(n + kStages);  // read while this tile's products run
+    if (n + kStages < n_hi) ahead = kv.start(n + kStages);  // read while this tile's products run
     const T* cK = sK + buf * BN * kPitch;
     const T* cV = sV + buf * BN * kPitch;
     const int j0 = n * BN;
@@ -424,10 +402,11 @@ __global__ void __launch_bounds__(32 * kWarps, 2) fwd_mma_kernel(const FwdArgs a
   }
 }
 
-template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain, bool kKeyWarps = false, int kStages = 2>
+template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain, bool kKeyWarps = false, int kStages = 2,
+          int kMinCtas = 2>
 void launch_fwd_mma_config(const FwdArgs& args, cudaStream_t stream) {
-  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN, kKeyWarps, kStages>;
-  auto kernel = fwd_mma_kernel<T, D, kWarps, kMT, BN, kPlain, kKeyWarps, kStages>;
+  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN, kKeyWarps, kStages, kMinCtas>;
+  auto kernel = fwd_mma_kernel<T, D, kWarps, kMT, BN, kPlain, kKeyWarps, kStages, kMinCtas>;
   set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute(fwd_mma_kernel)");
   const FlashFwdParams& p = args.p;
   const dim3 grid(ceil_div(p.seqlen_q * args.s.group, Cfg::kBlockM), p.heads_kv * args.num_splits, p.batch);
@@ -436,17 +415,26 @@ void launch_fwd_mma_config(const FwdArgs& args, cudaStream_t stream) {
 }
 
 // CTAs of one split of a call and how many CTAs of its kernel an SM holds (for the split heuristic).
-template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain, bool kKeyWarps = false, int kStages = 2>
+template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain, bool kKeyWarps = false, int kStages = 2,
+          int kMinCtas = 2>
 FwdOccupancy fwd_mma_config_occupancy(const FwdArgs& args) {
-  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN, kKeyWarps, kStages>;
-  auto kernel = fwd_mma_kernel<T, D, kWarps, kMT, BN, kPlain, kKeyWarps, kStages>;
-  set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute(fwd_mma_kernel)");
-  int per_sm = 0;
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::kThreads, Cfg::kSmemBytes),
-             "cudaOccupancyMaxActiveBlocksPerMultiprocessor(fwd_mma_kernel)");
+  using Cfg = FwdMmaConfig<D, kWarps, kMT, BN, kKeyWarps, kStages, kMinCtas>;
+  auto kernel = fwd_mma_kernel<T, D, kWarps, kMT, BN, kPlain, kKeyWarps, kStages, kMinCtas>;
+  // Queried once per device: the query cost ~5 us on every decode step (the split heuristic's).
+  static std::atomic<int> known[kMaxDevices] = {};
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  int per_sm = device < kMaxDevices ? known[device].load(std::memory_order_relaxed) : 0;
+  if (per_sm == 0) {
+    set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute(fwd_mma_kernel)");
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::kThreads, Cfg::kSmemBytes),
+               "cudaOccupancyMaxActiveBlocksPerMultiprocessor(fwd_mma_kernel)");
+    per_sm = std::max(per_sm, 1);
+    if (device < kMaxDevices) known[device].store(per_sm, std::memory_order_relaxed);
+  }
   const FlashFwdParams& p = args.p;
   const int64_t ctas = static_cast<int64_t>(ceil_div(p.seqlen_q * args.s.group, Cfg::kBlockM)) * p.heads_kv * p.batch;
-  return {ctas, std::max(per_sm, 1)};
+  return {ctas, per_sm};
 }
 
 // The tensor-core forward of one (dtype, head-dim bucket) calls f with the launch and occupancy

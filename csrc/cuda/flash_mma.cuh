@@ -46,6 +46,11 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_b
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes)
                : "memory");
 }
+// 4-byte global -> shared copy (cp.async of 4 bytes goes through L1: .ca); src_bytes = 0 writes zero.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes)
+               : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 // Waits until at most `kPending` of this thread's most recent cp.async groups are still in flight.
@@ -134,11 +139,13 @@ __device__ __forceinline__ void cp_async_tile(T* tile, RowPtr row_ptr, int head_
   }
 }
 
-// The same for a tile whose rows are `row_stride` elements apart from `first` (one address per tile:
-// not paged, or inside one page); rows at or past `valid_rows` are zero-filled. No per-row lookup or
-// branch: each thread steps one pointer through its rows.
+// The same where each thread's rows are evenly strided on their own: `own_first` is the thread's
+// first row (tile row threadIdx.x / (D / 8)) and `own_step` the distance to its next one (NT / (D / 8)
+// tile rows on); tile rows at or past `valid_rows` are zero-filled (read from `any_valid`: nothing).
+// No per-row lookup or branch: each thread steps one pointer through its rows.
 template <typename T, int D, int ROWS, int NT>
-__device__ __forceinline__ void cp_async_rows(T* tile, const T* first, int64_t row_stride, int valid_rows, int head_dim) {
+__device__ __forceinline__ void cp_async_thread_rows(T* tile, const T* own_first, int64_t own_step, int valid_rows,
+                                                     int head_dim, const T* any_valid) {
   constexpr int kChunks = D / 8;
   constexpr int kPitch = mma_pitch(D);
   static_assert(NT % kChunks == 0 && ROWS % (NT / kChunks) == 0, "each thread copies one column of evenly spaced rows");
@@ -146,14 +153,64 @@ __device__ __forceinline__ void cp_async_rows(T* tile, const T* first, int64_t r
   const int c = threadIdx.x % kChunks;
   const int row0 = threadIdx.x / kChunks;
   const bool column_ok = c * 8 < head_dim;
-  const T* src = first + row0 * row_stride + c * 8;
+  const T* src = own_first + c * 8;
 #pragma unroll
   for (int it = 0; it < ROWS / kRowStep; ++it) {
     const bool ok = column_ok && row0 + it * kRowStep < valid_rows;
-    cp_async16(tile + (row0 + it * kRowStep) * kPitch + c * 8, ok ? src : first, ok ? 16 : 0);
-    src += kRowStep * row_stride;
+    cp_async16(tile + (row0 + it * kRowStep) * kPitch + c * 8, ok ? src : any_valid, ok ? 16 : 0);
+    src += own_step;
   }
 }
+
+// A tile whose rows are `row_stride` elements apart from `first` (one address per tile: not paged,
+// or inside one page).
+template <typename T, int D, int ROWS, int NT>
+__device__ __forceinline__ void cp_async_rows(T* tile, const T* first, int64_t row_stride, int valid_rows, int head_dim) {
+  constexpr int kRowStep = NT / (D / 8);
+  cp_async_thread_rows<T, D, ROWS, NT>(tile, first + (threadIdx.x / (D / 8)) * row_stride, kRowStep * row_stride,
+                                       valid_rows, head_dim, first);
+}
+
+// Copies of K / V tiles (BN keys of KV head hk of sequence b) into the padded layout. start(n) finds
+// where tile n's rows begin when they are evenly strided (not paged, or inside one page; else -1):
+// a kernel computes it a tile ahead of the copies, so that a paged cache's block-table read (a
+// global load) is not between a tile's barrier and its copies. copy() then issues one pointer per
+// thread for a strided tile and falls back to a lookup per row otherwise.
+template <typename T, int D, int BN, int NT>
+struct KvTileCopier {
+  struct Start {
+    int64_t k, v;
+  };
+  const FlashFwdParams& p;
+  const SeqInfo& si;
+  int b, hk;
+
+  __device__ __forceinline__ Start start(int n) const {
+    return {kv_tile_offset(p, p.k_batch_stride, p.k_row_stride, p.k_head_stride, si, b, n * BN, BN, hk),
+            kv_tile_offset(p, p.v_batch_stride, p.v_row_stride, p.v_head_stride, si, b, n * BN, BN, hk)};
+  }
+
+  __device__ __forceinline__ void copy(T* dk, T* dv, int n, const Start& at) const {
+    const T* k = static_cast<const T*>(p.k);
+    const T* v = static_cast<const T*>(p.v);
+    const int j0 = n * BN;
+    if constexpr (NT % (D / 8) == 0 && BN % (NT / (D / 8)) == 0) {
+      if (at.k >= 0 && at.v >= 0) {
+        cp_async_rows<T, D, BN, NT>(dk, k + at.k, p.k_row_stride, si.sk - j0, p.head_dim);
+        cp_async_rows<T, D, BN, NT>(dv, v + at.v, p.v_row_stride, si.sk - j0, p.head_dim);
+        return;
+      }
+    }
+    auto rows_of = [&](const T* base, int64_t tile, int64_t bs, int64_t rst, int64_t hs) {
+      return [=](int rr) -> const T* {  // this, j0 and the arguments
+        if (j0 + rr >= si.sk) return nullptr;
+        return base + (tile >= 0 ? tile + rr * rst : kv_offset(p, bs, rst, hs, si, b, j0 + rr, hk));
+      };
+    };
+    cp_async_tile<T, D, BN, NT>(dk, rows_of(k, at.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride), p.head_dim, k);
+    cp_async_tile<T, D, BN, NT>(dv, rows_of(v, at.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride), p.head_dim, v);
+  }
+};
 
 }  // namespace detail
 }  // namespace cuda

@@ -406,12 +406,9 @@ int main() {
     };
     report_key_warps("key warps w4 bn64 s2", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 4, 1, 64, true, true, 2>(a, nullptr); });
     report_key_warps("key warps w4 bn64 s3", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 4, 1, 64, true, true, 3>(a, nullptr); });
-    report_key_warps("key warps w4 bn64 s4", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 4, 1, 64, true, true, 4>(a, nullptr); });
     report_key_warps("key warps w2 bn32 s4", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 2, 1, 32, true, true, 4>(a, nullptr); });
-    report_key_warps("key warps w2 bn32 s6", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 2, 1, 32, true, true, 6>(a, nullptr); });
-    report_key_warps("key warps w4 bn64 s6", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 4, 1, 64, true, true, 6>(a, nullptr); });
-    report_key_warps("key warps w8 bn128 s2", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 8, 1, 128, true, true, 2>(a, nullptr); });
-    report_key_warps("key warps w8 bn128 s3", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 8, 1, 128, true, true, 3>(a, nullptr); });
+    report_key_warps("key warps w4 bn64 s2 3/SM", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 4, 1, 64, true, true, 2, 3>(a, nullptr); });
+    report_key_warps("key warps w4 bn64 s2 4/SM", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 4, 1, 64, true, true, 2, 4>(a, nullptr); });
     for (int splits : {1, 2, 3, 4}) {
       flash::FlashFwdParams ps = p;
       ps.num_splits = splits;
