@@ -39,7 +39,7 @@ if [ "${SKIP_TUNE:-0}" != 1 ]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee -a "$OUT/kernel-check.log"
 # The last case a log had started (its "name [dtype]" line), for the timeout message.
-last_case() { grep -E "\[(bf16|fp16)\]$" "$1" | tail -1; }
+last_case() { grep -E "\[(bf16|fp16|fp8)\]$" "$1" | tail -1; }
 # Correctness first: the self-test, then the timings.
 timeout "${SELFTEST_TIMEOUT_S:-180}" "$BUILD/flash_selftest" 2>&1 | tee "$OUT/selftest.log" | grep -v -E "^ *ok" | tail -40
 selftest_rc=${PIPESTATUS[0]}

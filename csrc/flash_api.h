@@ -31,6 +31,9 @@ void run_bwd(const FlashBwdParams& params, void* stream);
 int fwd_num_splits(const FlashFwdParams& params);
 // Bytes of out_accum plus lse_accum for fwd_num_splits(params) splits (0 when it is 1).
 size_t fwd_workspace_bytes(const FlashFwdParams& params);
+// FP8 calls (dtype kFloat8E4M3): bytes of FlashFwdParams::fp8_scratch run_fwd needs (any
+// contents); 0 for other dtypes.
+size_t fwd_fp8_scratch_bytes(const FlashFwdParams& params);
 // Which forward kernel run_fwd picks for params on the current device: "wgmma" (Hopper), "mma"
 // (sm80-class tensor cores) or "simt".
 const char* fwd_kernel_name(const FlashFwdParams& params);

@@ -21,7 +21,8 @@
 
 namespace flash {
 
-enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// kFloat8E4M3: q, k, v in float8 e4m3 (sm90 forward only); out is then bfloat16.
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat8E4M3 = 3 };
 
 struct FlashFwdParams {
   // ---- tensors -------------------------------------------------------------
@@ -81,6 +82,17 @@ struct FlashFwdParams {
   int64_t block_table_batch_stride = 0;
   int page_size = 0;                      // rows per page when block_table is set
   const int32_t* cache_batch_idx = nullptr;  // (batch): cache row used by sequence b
+
+  // ---- FP8 (dtype kFloat8E4M3) -----------------------------------------------
+  // Scores are (q . k) * q_descale * k_descale * softmax_scale and out is (P V) * v_descale, with
+  // one factor per (batch, kv head): contiguous (batch, heads_kv) float32; null means 1. P is
+  // rounded to e4m3 for the P V product (FlashAttention-3's convention).
+  const float* q_descale = nullptr;
+  const float* k_descale = nullptr;
+  const float* v_descale = nullptr;
+  // Scratch of cuda::fwd_fp8_scratch_bytes: V transposed by the forward (fp8 products need both
+  // operands K-major).
+  void* fp8_scratch = nullptr;
 
   // ---- split-KV (decode) ---------------------------------------------------
   int num_splits = 1;

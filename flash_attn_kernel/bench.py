@@ -42,7 +42,9 @@ CPU_PEERS = ("sdpa-flash", "sdpa-math", "flex", "eager")
 # Decode compares against SDPA on a contiguous cache only: flex and eager are training-shape peers.
 CUDA_DECODE_PEERS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
 CPU_DECODE_PEERS = ("sdpa-flash", "sdpa-math")
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "float8_e4m3fn"}
+# FP8 (e4m3 in, bfloat16 out) is a CUDA forward of ours alone: SDPA's backends take no FP8 inputs.
+FP8_OPS = ("fwd",)
 
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated() during the timed calls minus memory_allocated() before them "
@@ -170,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
             raise PipelineError(f"--ops: unknown op {op!r}", fix=f"choose from {', '.join(OPS)}")
     dtypes = _split(args.dtypes, str) if args.dtypes else (["bf16", "fp16"] if cuda else ["fp32", "bf16"])
     for dt in dtypes:
+        if dt == "fp8" and not cuda:
+            raise PipelineError("--dtypes fp8: the FP8 forward runs on CUDA (sm90) only", fix="use --device cuda")
         if dt not in DTYPES:
             raise PipelineError(f"--dtypes: unknown dtype {dt!r}", fix=f"choose from {', '.join(DTYPES)}")
     peers = _split(args.peers, str) if args.peers is not None else None
@@ -203,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
                       "not run", flush=True)
                 break
             print(f"[{i}/{len(points)}] {point.describe()}", flush=True)
-            impls = implementations(kernel, device, point.op, label, peers)
+            impls = implementations(kernel, device, point.op, label, peers if point.dtype != "fp8" else [])
             if args.without_ours:
                 impls.pop(label)
             for rec in measure_point(impls, point, device, settings):
@@ -255,9 +259,9 @@ def plan_points(args: argparse.Namespace, device: str, ops: list[str], dtypes: l
             for s in seqlens:
                 for c in causals:
                     for op in ops:
-                        if op != "decode":
+                        if op != "decode" and (dt != "fp8" or op in FP8_OPS):
                             points.append(Point(op, dt, max(1, tokens // s), s, s, heads, heads, d, c))
-        if "decode" in ops:
+        if "decode" in ops and dt != "fp8":
             hq, hkv = (int(x) for x in args.decode_heads.split(":"))
             if hq % hkv:
                 raise PipelineError(f"--decode-heads {args.decode_heads}: query heads must be a multiple of kv heads")
@@ -786,10 +790,14 @@ def _prepare(factory: Factory, point: Point, device: str, dtype) -> Callable[[],
             with torch.no_grad():
                 call()
         return decode_step
-    # Fresh random inputs (never zeros: they hide unwritten outputs and can run faster).
+    # Fresh random inputs (never zeros: they hide unwritten outputs and can run faster); FP8 rounded
+    # from bfloat16 (randn has no float8 kernel).
     shape = (point.batch, point.seqlen_q, point.heads_q, point.hdim)
     grad_needed = point.op != "fwd"
-    q, k, v = (torch.randn(*shape, device=device, dtype=dtype, requires_grad=grad_needed) for _ in range(3))
+    if dtype.itemsize == 1:
+        q, k, v = (torch.randn(*shape, device=device, dtype=torch.bfloat16).to(dtype) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(*shape, device=device, dtype=dtype, requires_grad=grad_needed) for _ in range(3))
     call = factory(q, k, v, point.causal)
     if point.op == "fwd":
         def fwd_step():

@@ -78,6 +78,8 @@ inline const char* dtype_name(ScalarType s) {
     case ScalarType::Int: return "int32";
     case ScalarType::Long: return "int64";
     case ScalarType::Double: return "float64";
+    case ScalarType::Float8_e4m3fn: return "float8_e4m3fn";
+    case ScalarType::Byte: return "uint8";
     default: return "another dtype";
   }
 }

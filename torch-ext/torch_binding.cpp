@@ -108,6 +108,7 @@ flash::DType kernel_dtype(const Tensor& q) {
   switch (dtype(q)) {
     case ScalarType::Float: return flash::DType::kFloat32;
     case ScalarType::Half: return flash::DType::kFloat16;
+    case ScalarType::Float8_e4m3fn: return flash::DType::kFloat8E4M3;
     default: return flash::DType::kBFloat16;
   }
 }
@@ -194,6 +195,12 @@ void launch_fwd(flash::FlashFwdParams& p, const Tensor& q) {
       lse_accum = new_tensor(q, {splits, p.batch, p.heads_q, p.seqlen_q}, ScalarType::Float, false);
       p.out_accum = static_cast<float*>(data_ptr(out_accum));
       p.lse_accum = static_cast<float*>(data_ptr(lse_accum));
+    }
+    // FP8: the kernel's transposed copy of V
+    Tensor fp8_scratch;
+    if (const size_t bytes = flash::cuda::fwd_fp8_scratch_bytes(p)) {
+      fp8_scratch = new_tensor(q, {static_cast<int64_t>(bytes)}, ScalarType::Byte, false);
+      p.fp8_scratch = data_ptr(fp8_scratch);
     }
     flash::cuda::run_fwd(p, current_cuda_stream(device_index(q)));
 #elif defined(CPU_KERNEL)
@@ -456,6 +463,102 @@ std::tuple<Tensor, Tensor> fwd_kvcache(const Tensor& q, const Tensor& k_cache, c
   return {out, lse};
 }
 
+namespace {
+
+// An FP8 operand: float8_e4m3fn on q's device, rank `rank`, last dim contiguous.
+void check_fp8_operand(const char* name, const Tensor& t, const Tensor& q, int64_t rank) {
+  FLASH_CHECK(dtype(t) == ScalarType::Float8_e4m3fn, name, " must be float8_e4m3fn, got ", dtype_name(dtype(t)));
+  check_same_device(name, t, q);
+  FLASH_CHECK(t.dim() == rank, name, " must have ", rank, " dimensions, got shape ", shape_str(t));
+  FLASH_CHECK(t.stride(t.dim() - 1) == 1, name, " must have a contiguous last dimension, got stride ",
+              t.stride(t.dim() - 1));
+}
+
+// A descale factor tensor: float32, contiguous (batch, heads_kv), on q's device.
+void check_descale(const char* name, const OptTensor& t, const Tensor& q, int64_t batch, int64_t heads_kv) {
+  if (!t) return;
+  check_same_device(name, *t, q);
+  FLASH_CHECK(dtype(*t) == ScalarType::Float, name, " must be float32, got ", dtype_name(dtype(*t)));
+  FLASH_CHECK(t->dim() == 2 && t->size(0) == batch && t->size(1) == heads_kv, name, " must have shape (batch=", batch,
+              ", heads_kv=", heads_kv, "), got ", shape_str(*t));
+  FLASH_CHECK(t->is_contiguous(), name, " must be contiguous");
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> fwd_fp8(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& cu_seqlens_q,
+                                   const OptTensor& cu_seqlens_k, const OptTensor& seqused_k,
+                                   const OptTensor& q_descale, const OptTensor& k_descale, const OptTensor& v_descale,
+                                   const OptTensor& sinks, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                   double softmax_scale, bool is_causal, int64_t window_size_left,
+                                   int64_t window_size_right, int64_t num_splits) {
+  const bool varlen = cu_seqlens_q.has_value();
+  FLASH_CHECK(varlen == cu_seqlens_k.has_value(), "cu_seqlens_q and cu_seqlens_k must be given together (varlen)");
+  FLASH_CHECK(!seqused_k || varlen, "seqused_k needs cu_seqlens_q / cu_seqlens_k (varlen)");
+  const int64_t rank = varlen ? 3 : 4;
+  check_fp8_operand("q", q, q, rank);
+  check_fp8_operand("k", k, q, rank);
+  check_fp8_operand("v", v, q, rank);
+  check_head_dims(q, k, v);
+  const int64_t d = q.size(rank - 1);
+  FLASH_CHECK(d % 16 == 0, "float8_e4m3fn head_dim must be a multiple of 16 (the Python API pads it), got ", d);
+  FLASH_CHECK(num_splits >= 0, "num_splits must be >= 0 (0: automatic), got ", num_splits);
+  int64_t batch, seqlen_q, seqlen_k;
+  if (varlen) {
+    FLASH_CHECK(cu_seqlens_q->dim() == 1 && cu_seqlens_q->size(0) >= 1, "cu_seqlens_q must have shape (batch + 1,), got ",
+                shape_str(*cu_seqlens_q));
+    batch = cu_seqlens_q->size(0) - 1;
+    check_index_vector("cu_seqlens_q", *cu_seqlens_q, q, batch + 1, "batch + 1");
+    check_index_vector("cu_seqlens_k", *cu_seqlens_k, q, batch + 1, "batch + 1, like cu_seqlens_q");
+    if (seqused_k) check_index_vector("seqused_k", *seqused_k, q, batch, "batch");
+    FLASH_CHECK(v.size(0) == k.size(0), "v must have k's shape ", shape_str(k), ", got ", shape_str(v));
+    FLASH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q / max_seqlen_k must be >= 0, got ", max_seqlen_q,
+                " / ", max_seqlen_k);
+    seqlen_q = max_seqlen_q;
+    seqlen_k = max_seqlen_k;
+  } else {
+    batch = q.size(0);
+    seqlen_q = q.size(1);
+    seqlen_k = k.size(1);
+    FLASH_CHECK(k.size(0) == batch, "k's batch must equal q's (", batch, "), got shape ", shape_str(k));
+    FLASH_CHECK(v.size(0) == batch && v.size(1) == seqlen_k, "v must have k's batch and seqlen (", batch, ", ",
+                seqlen_k, "), got shape ", shape_str(v));
+  }
+  const int64_t heads_q = q.size(rank - 2), heads_kv = k.size(rank - 2);
+  check_scores(q, std::nullopt, sinks, batch, heads_q, 0.0, 0.0, window_size_left, window_size_right);
+  check_descale("q_descale", q_descale, q, batch, heads_kv);
+  check_descale("k_descale", k_descale, q, batch, heads_kv);
+  check_descale("v_descale", v_descale, q, batch, heads_kv);
+
+  std::vector<int64_t> out_shape(q.dim());
+  for (int64_t i = 0; i < q.dim(); ++i) out_shape[i] = q.size(i);
+  Tensor out = new_tensor(q, out_shape, ScalarType::BFloat16, /*zero=*/varlen);
+  Tensor lse = varlen ? new_tensor(q, {heads_q, q.size(0)}, ScalarType::Float, false)
+                      : new_tensor(q, {batch, heads_q, seqlen_q}, ScalarType::Float, false);
+  flash::FlashFwdParams p;
+  fill_fwd(p, q, k, v, out, lse, std::nullopt, sinks, 0.0, softmax_scale, is_causal, window_size_left,
+           window_size_right, 0.0, 0, 0);
+  p.batch = as_int(batch, "batch");
+  p.seqlen_q = as_int(seqlen_q, "seqlen_q");
+  p.seqlen_k = as_int(seqlen_k, "seqlen_k");
+  if (varlen) {
+    p.total_q = as_int(q.size(0), "total_q");
+    p.cu_seqlens_q = static_cast<const int32_t*>(data_ptr(*cu_seqlens_q));
+    p.cu_seqlens_k = static_cast<const int32_t*>(data_ptr(*cu_seqlens_k));
+    p.seqused_k = opt_ptr<int32_t>(seqused_k);
+  }
+  p.q_descale = opt_ptr<float>(q_descale);
+  p.k_descale = opt_ptr<float>(k_descale);
+  p.v_descale = opt_ptr<float>(v_descale);
+  p.num_splits = static_cast<int>(num_splits);
+#if defined(CUDA_KERNEL)
+  if (batch > 0 && seqlen_q > 0) launch_fwd(p, q);
+#else
+  FLASH_CHECK(false, "float8_e4m3fn attention runs on CUDA (sm90: H100 / H200) only, got q on ", device_str(q));
+#endif
+  return {out, lse};
+}
+
 }  // namespace flash_binding
 
 // ---- registration ------------------------------------------------------------------------------
@@ -482,6 +585,11 @@ constexpr const char* kVarlenBwdSchema =
     "int max_seqlen_k, float dropout_p, float softmax_scale, bool is_causal, int window_size_left, "
     "int window_size_right, float softcap, bool deterministic, int philox_seed, int philox_offset) "
     "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dsinks)";
+constexpr const char* kFwdFp8Schema =
+    "fwd_fp8(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, "
+    "Tensor? q_descale, Tensor? k_descale, Tensor? v_descale, Tensor? sinks, int max_seqlen_q, int max_seqlen_k, "
+    "float softmax_scale, bool is_causal, int window_size_left, int window_size_right, int num_splits) "
+    "-> (Tensor out, Tensor softmax_lse)";
 constexpr const char* kFwdKvcacheSchema =
     "fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? seqused_k, Tensor? cache_batch_idx, "
     "Tensor? leftpad_k, Tensor? block_table, Tensor? alibi_slopes, Tensor? sinks, float softmax_scale, "
@@ -498,6 +606,7 @@ STABLE_TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(kVarlenFwdSchema);
   ops.def(kVarlenBwdSchema);
   ops.def(kFwdKvcacheSchema);
+  ops.def(kFwdFp8Schema);
 }
 
 #define FLASH_REGISTER_IMPLS(ops)                                    \
@@ -505,7 +614,8 @@ STABLE_TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.impl("bwd", TORCH_BOX(&flash_binding::bwd));                   \
   ops.impl("varlen_fwd", TORCH_BOX(&flash_binding::varlen_fwd));     \
   ops.impl("varlen_bwd", TORCH_BOX(&flash_binding::varlen_bwd));     \
-  ops.impl("fwd_kvcache", TORCH_BOX(&flash_binding::fwd_kvcache))
+  ops.impl("fwd_kvcache", TORCH_BOX(&flash_binding::fwd_kvcache)); \
+  ops.impl("fwd_fp8", TORCH_BOX(&flash_binding::fwd_fp8))
 
 #if defined(CUDA_KERNEL)
 STABLE_TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, CUDA, ops) { FLASH_REGISTER_IMPLS(ops); }
@@ -521,6 +631,7 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(kVarlenFwdSchema);
   ops.def(kVarlenBwdSchema);
   ops.def(kFwdKvcacheSchema);
+  ops.def(kFwdFp8Schema);
 #if defined(CUDA_KERNEL)
   const auto key = c10::kCUDA;
 #elif defined(CPU_KERNEL)
@@ -532,6 +643,7 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.impl("varlen_fwd", key, &flash_binding::varlen_fwd);
   ops.impl("varlen_bwd", key, &flash_binding::varlen_bwd);
   ops.impl("fwd_kvcache", key, &flash_binding::fwd_kvcache);
+  ops.impl("fwd_fp8", key, &flash_binding::fwd_fp8);
 #endif
 }
 

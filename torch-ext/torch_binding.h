@@ -48,4 +48,15 @@ std::tuple<Tensor, Tensor> fwd_kvcache(const Tensor& q, const Tensor& k_cache, c
                                        bool is_causal, int64_t window_size_left, int64_t window_size_right,
                                        double softcap, int64_t num_splits);
 
+// FP8 (float8_e4m3fn q, k, v; sm90 only) forward, out in bfloat16: dense (batch, seqlen, heads, d)
+// or, with cu_seqlens_q / cu_seqlens_k, varlen (total, heads, d). Scores are
+// (q . k) * q_descale * k_descale * softmax_scale and out is (P V) * v_descale, the descales
+// (batch, heads_kv) float32 (absent: 1). No backward.
+std::tuple<Tensor, Tensor> fwd_fp8(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& cu_seqlens_q,
+                                   const OptTensor& cu_seqlens_k, const OptTensor& seqused_k,
+                                   const OptTensor& q_descale, const OptTensor& k_descale, const OptTensor& v_descale,
+                                   const OptTensor& sinks, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                   double softmax_scale, bool is_causal, int64_t window_size_left,
+                                   int64_t window_size_right, int64_t num_splits);
+
 }  // namespace flash_binding

@@ -20,6 +20,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -365,6 +366,10 @@ inline bool env_flag(const char* name) {
 // Whether the Hopper (sm90a) kernels may run on the current device: it runs this library's sm_90a
 // code (an sm90 device could be running code built for sm80), and neither FLASH_ATTN_CUDA_HOPPER=0
 // nor FLASH_ATTN_CUDA_SIMT=1 is set (so the sm80-class kernels stay testable on an H100). In flash_fwd.cu.
+// Whether the current device runs this library's sm_90a code (an sm90 device could be running code
+// built for sm80), and whether the 16-bit calls take it (FLASH_ATTN_CUDA_HOPPER=0 and
+// FLASH_ATTN_CUDA_SIMT=1 keep them on the sm80-class kernels; FP8 has no other path).
+bool sm90a_code_available();
 bool hopper_kernels_enabled();
 
 // The backward accumulates dQ in float32 with atomics (one pass over S and dP) unless the call
@@ -387,8 +392,10 @@ inline void validate_common(const FlashFwdParams& p, const std::string& where) {
   auto need = [&](bool ok, const std::string& what) {
     if (!ok) throw_invalid(where, what);
   };
-  need(p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16,
-       "dtype must be float16 or bfloat16, got DType(" + std::to_string(static_cast<int>(p.dtype)) + ")");
+  const bool fp8 = p.dtype == DType::kFloat8E4M3;
+  need(p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16 || fp8,
+       "dtype must be float16, bfloat16 or float8_e4m3, got DType(" + std::to_string(static_cast<int>(p.dtype)) + ")");
+  const int chunk = fp8 ? 16 : 8;  // elements per 16 bytes
   need(p.head_dim > 0 && p.head_dim <= 256 && p.head_dim % 8 == 0,
        "head_dim must be a multiple of 8 in [8, 256], got " + std::to_string(p.head_dim));
   need(p.batch >= 0 && p.batch <= 65535, "batch must be in [0, 65535], got " + std::to_string(p.batch));
@@ -408,7 +415,14 @@ inline void validate_common(const FlashFwdParams& p, const std::string& where) {
                              p.k_row_stride,   p.k_head_stride, p.v_batch_stride, p.v_row_stride,
                              p.v_head_stride, p.o_batch_stride, p.o_row_stride, p.o_head_stride};
   for (int64_t s : strides) {
-    need(s % 8 == 0, "q/k/v/out strides must be multiples of 8 elements (16 bytes), got " + std::to_string(s));
+    need(s % chunk == 0, "q/k/v/out strides must be multiples of " + std::to_string(chunk) +
+                             " elements (16 bytes), got " + std::to_string(s));
+  }
+  if (fp8) {
+    need(p.head_dim % 16 == 0, "float8_e4m3 head_dim must be a multiple of 16, got " + std::to_string(p.head_dim));
+    need(p.softcap == 0.f && p.alibi_slopes == nullptr && p.dropout_p == 0.f,
+         "float8_e4m3 attention has no softcap, ALiBi or dropout");
+    need(p.softmax_scale > 0.f, "float8_e4m3 attention needs softmax_scale > 0, got " + std::to_string(p.softmax_scale));
   }
   need(p.softmax_scale == p.softmax_scale, "softmax_scale is NaN");
   need(p.softcap >= 0.f, "softcap must be >= 0, got " + std::to_string(p.softcap));
@@ -456,7 +470,21 @@ inline void dispatch_hopper_head_dim(int head_dim, F&& f) {
   return f(std::integral_constant<int, 256>{});
 }
 
-// Calls f(T{}) with T the element type of dtype (validated before).
+// Calls f(std::integral_constant<int, D>) for the FP8 forward's tile width D of head_dim (64, 128 or
+// 256; the columns past head_dim are zero).
+template <typename F>
+inline void dispatch_fp8_head_dim(int head_dim, F&& f) {
+  if (head_dim <= 64) return f(std::integral_constant<int, 64>{});
+  if (head_dim <= 128) return f(std::integral_constant<int, 128>{});
+  return f(std::integral_constant<int, 256>{});
+}
+
+// The FP8 forward's copy of V, transposed: (batch, heads_kv, head_dim, fp8_vt_keys) bytes, key
+// columns padded to whole 128-key tiles with zeros.
+__host__ __device__ inline int fp8_vt_keys(const FlashFwdParams& p) { return (p.seqlen_k + 127) / 128 * 128; }
+
+// Calls f(T{}) with T the element type of a 16-bit dtype (validated before; the FP8 forward has
+// its own path).
 template <typename F>
 inline void dispatch_dtype(DType dtype, F&& f) {
   if (dtype == DType::kFloat16) return f(__half{});

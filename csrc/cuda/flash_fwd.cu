@@ -44,6 +44,10 @@ __device__ int g_sm90a_code = 0;
 bool hopper_kernels_enabled() {
   const char* hopper = std::getenv("FLASH_ATTN_CUDA_HOPPER");
   if ((hopper != nullptr && hopper[0] == '0') || env_flag("FLASH_ATTN_CUDA_SIMT")) return false;
+  return sm90a_code_available();
+}
+
+bool sm90a_code_available() {
   static int8_t known[kMaxDevices] = {};  // 0 unknown, 1 yes, -1 no
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
@@ -70,10 +74,11 @@ bool hopper_fwd_supported(const FlashFwdParams& p) {
          p.dropout_p == 0.f && p.softmax_scale > 0.f;
 }
 
-// The forward kernel a call runs on (fwd_kernel_name reports it).
+// The forward kernel a call runs on (fwd_kernel_name reports it). FP8 calls have one, the Hopper
+// kernel (check_fp8_device).
 enum class FwdKernel { kWgmma, kMma, kSimt };
 FwdKernel choose_fwd_kernel(const FlashFwdParams& p) {
-  if (hopper_fwd_supported(p)) return FwdKernel::kWgmma;
+  if (p.dtype == DType::kFloat8E4M3 || hopper_fwd_supported(p)) return FwdKernel::kWgmma;
   return env_flag("FLASH_ATTN_CUDA_SIMT") ? FwdKernel::kSimt : FwdKernel::kMma;
 }
 
@@ -321,7 +326,10 @@ int split_heuristic(const FlashFwdParams& p) {
   const int group = p.heads_q / p.heads_kv;
   FwdOccupancy occ{static_cast<int64_t>(ceil_div(p.seqlen_q * group, kBlockM)) * p.heads_kv * p.batch, 1};
   const FwdKernel kernel = choose_fwd_kernel(p);
-  if (kernel != FwdKernel::kSimt) {
+  if (p.dtype == DType::kFloat8E4M3) {
+    const FwdArgs args{p, make_score_args(p), 1};
+    dispatch_fp8_head_dim(p.head_dim, [&](auto d) { occ = fwd_wgmma_occupancy<__nv_fp8_e4m3, decltype(d)::value>(args); });
+  } else if (kernel != FwdKernel::kSimt) {
     const FwdArgs args{p, make_score_args(p), 1};
     dispatch_dtype(p.dtype, [&](auto t) {
       using T = decltype(t);
@@ -375,11 +383,72 @@ void launch_fwd(const FwdArgs& args, cudaStream_t stream) {
   }
 }
 
+// FP8 runs on the Hopper kernel only.
+void check_fp8_device(const FlashFwdParams& p, const std::string& where) {
+  if (p.dtype == DType::kFloat8E4M3 && !sm90a_code_available()) {
+    throw_invalid(where, "float8_e4m3 attention needs an sm90 device (H100 / H200) and this library's sm_90a code");
+  }
+}
+
+// The FP8 forward's copy of V, transposed (fp8_vt_keys): 64 keys x head_dim per CTA through shared
+// memory. Position l of every 16 keys holds key (l >> 2) * 2 + (l & 1) + ((l >> 1) & 1) * 8 of
+// them, the order in which the S accumulators become P's A fragments (flash_fwd_wgmma.cuh); keys
+// past the sequence's are zero.
+__global__ void __launch_bounds__(256) fp8_transpose_v_kernel(const FlashFwdParams p) {
+  __shared__ __align__(16) uint8_t tile[64][256 + 16];  // [key][head-dim column], rows padded
+  const int b = blockIdx.z;
+  const int hk = blockIdx.y;
+  const int j0 = blockIdx.x * 64;
+  const SeqInfo si = seq_info(p, b);
+  const uint8_t* v = static_cast<const uint8_t*>(p.v);
+  const int chunks = p.head_dim / 16;
+  for (int x = threadIdx.x; x < 64 * chunks; x += blockDim.x) {
+    const int r = x / chunks, c = x % chunks;
+    uint4 w = make_uint4(0u, 0u, 0u, 0u);
+    if (j0 + r < si.sk) {
+      w = *reinterpret_cast<const uint4*>(
+          v + kv_offset(p, p.v_batch_stride, p.v_row_stride, p.v_head_stride, si, b, j0 + r, hk) + c * 16);
+    }
+    *reinterpret_cast<uint4*>(&tile[r][c * 16]) = w;
+  }
+  __syncthreads();
+  const int vt_keys = fp8_vt_keys(p);
+  uint8_t* vt = static_cast<uint8_t*>(p.fp8_scratch) + (static_cast<int64_t>(b) * p.heads_kv + hk) * p.head_dim * vt_keys + j0;
+  for (int x = threadIdx.x; x < p.head_dim * 4; x += blockDim.x) {
+    const int d = x >> 2, k0 = (x & 3) * 16;  // column d, keys k0 .. k0 + 15
+    uint32_t w[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {  // positions 4q .. 4q + 3: keys 2q, 2q + 1, 2q + 8, 2q + 9
+      const int k = k0 + 2 * q;
+      w[q] = tile[k][d] | (tile[k + 1][d] << 8) | (tile[k + 8][d] << 16) | (static_cast<uint32_t>(tile[k + 9][d]) << 24);
+    }
+    *reinterpret_cast<uint4*>(vt + static_cast<int64_t>(d) * vt_keys + k0) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
+// FP8: V transposed into fp8_scratch, the Hopper kernel, and for splits the combine kernel (which
+// writes the bfloat16 output).
+void launch_fwd_fp8(const FwdArgs& args, cudaStream_t stream) {
+  const FlashFwdParams& p = args.p;
+  if (p.seqlen_k > 0) {
+    if (p.fp8_scratch == nullptr) throw_invalid("run_fwd", "float8_e4m3 calls need fp8_scratch (fwd_fp8_scratch_bytes)");
+    fp8_transpose_v_kernel<<<dim3(fp8_vt_keys(p) / 64, p.heads_kv, p.batch), 256, 0, stream>>>(p);
+    check_launch("fp8_transpose_v_kernel launch");
+  }
+  dispatch_fp8_head_dim(p.head_dim, [&](auto d) { launch_fwd_wgmma<__nv_fp8_e4m3, decltype(d)::value>(args, stream); });
+  if (args.num_splits > 1) {
+    const dim3 cgrid(ceil_div(p.seqlen_q, kThreads / 32), p.heads_q, p.batch);
+    combine_kernel<__nv_bfloat16><<<cgrid, kThreads, 0, stream>>>(args);
+    check_launch("combine_kernel launch");
+  }
+}
+
 }  // namespace
 }  // namespace detail
 
 int fwd_num_splits(const FlashFwdParams& params) {
   detail::validate_common(params, "fwd_num_splits");
+  detail::check_fp8_device(params, "fwd_num_splits");
   if (params.num_splits < 0 || params.num_splits > detail::kMaxSplits) {
     detail::throw_invalid("fwd_num_splits", "num_splits must be in [0, " + std::to_string(detail::kMaxSplits) +
                                                 "], got " + std::to_string(params.num_splits));
@@ -393,6 +462,11 @@ size_t fwd_workspace_bytes(const FlashFwdParams& params) {
   if (splits <= 1) return 0;
   const size_t rows = static_cast<size_t>(splits) * params.batch * params.heads_q * params.seqlen_q;
   return rows * (static_cast<size_t>(params.head_dim) + 1) * sizeof(float);
+}
+
+size_t fwd_fp8_scratch_bytes(const FlashFwdParams& params) {
+  if (params.dtype != DType::kFloat8E4M3) return 0;
+  return static_cast<size_t>(params.batch) * params.heads_kv * params.head_dim * detail::fp8_vt_keys(params);
 }
 
 const char* fwd_kernel_name(const FlashFwdParams& params) {
@@ -422,6 +496,7 @@ void run_fwd(const FlashFwdParams& params, void* stream) {
   if (params.batch == 0 || params.seqlen_q == 0) return;
   FwdArgs args{params, make_score_args(params), splits};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (params.dtype == DType::kFloat8E4M3) return launch_fwd_fp8(args, s);
   dispatch_dtype(params.dtype, [&](auto t) {
     using T = decltype(t);
     dispatch_head_dim(params.head_dim, [&](auto d) { launch_fwd<T, decltype(d)::value>(args, s); });

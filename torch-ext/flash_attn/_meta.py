@@ -47,3 +47,15 @@ def _fwd_kvcache_fake(q, k_cache, v_cache, seqused_k, cache_batch_idx, leftpad_k
                       softmax_scale, is_causal, window_size_left, window_size_right, softcap, num_splits):
     batch, seqlen_q, heads_q, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
+
+
+@torch.library.register_fake(add_op_namespace_prefix("fwd_fp8"))
+def _fwd_fp8_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, q_descale, k_descale, v_descale, sinks,
+                  max_seqlen_q, max_seqlen_k, softmax_scale, is_causal, window_size_left, window_size_right,
+                  num_splits):
+    out = q.new_empty(q.shape, dtype=torch.bfloat16)
+    if cu_seqlens_q is not None:
+        total_q, heads_q, _ = q.shape
+        return out, q.new_empty((heads_q, total_q), dtype=torch.float32)
+    batch, seqlen_q, heads_q, _ = q.shape
+    return out, q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)

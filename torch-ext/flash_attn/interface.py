@@ -5,6 +5,11 @@ functions; causal masks are aligned bottom-right; window_size=(left, right) with
 Additions: `sinks` (alias `s_aux`, `learnable_sink`: one logit per query head that joins the
 softmax denominator, GPT-OSS style) and `seqused_k` / `block_table` on the varlen function.
 
+FP8 (FlashAttention-3's convention): q, k, v in torch.float8_e4m3fn run a forward-only kernel on
+sm90 (H100 / H200) and return bfloat16; `q_descale`, `k_descale`, `v_descale` (float32, shape
+(batch, heads_kv) or one value for all) scale the scores by q_descale * k_descale and the output
+by v_descale. No dropout, softcap, ALiBi, paged KV or backward with FP8.
+
 Dropout draws its Philox (seed, offset) pair in Python, from torch's default generator of the
 device, and passes them to the kernel as numbers; the backward reuses the same pair:
   - CUDA: seed = generator.initial_seed(), offset = generator.get_offset(), then the generator's
@@ -54,10 +59,16 @@ def _window(window_size: Sequence[int]) -> Tuple[int, int]:
     return int(window_size[0]), int(window_size[1])
 
 
-def _pad_head_dim(x: torch.Tensor) -> torch.Tensor:
-    """Pads the last dim to a multiple of 8 (the kernel's granularity), as flash-attn does."""
+def _pad_head_dim(x: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """Pads the last dim to a multiple of 8 (16 for FP8: the kernels' granularity), as flash-attn does."""
     d = x.shape[-1]
-    return x if d % 8 == 0 else F.pad(x, (0, 8 - d % 8))
+    if d % multiple == 0:
+        return x
+    if x.dtype != torch.float8_e4m3fn:
+        return F.pad(x, (0, multiple - d % multiple))
+    padded = x.new_zeros(x.shape[:-1] + (d + multiple - d % multiple,))  # (F.pad has no float8 kernel)
+    padded[..., :d] = x
+    return padded
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -67,6 +78,41 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 def _check_head_dim(q: torch.Tensor) -> None:
     if q.shape[-1] > 256:
         raise ValueError(f"q's head_dim must be at most 256, got {q.shape[-1]}")
+
+
+def _descale(t: Optional[torch.Tensor], batch: int, heads_kv: int) -> Optional[torch.Tensor]:
+    """A descale factor as the kernel takes it: float32 (batch, heads_kv); one value is broadcast."""
+    if t is None:
+        return None
+    t = t.to(torch.float32)
+    if t.numel() == 1:
+        t = t.reshape(1, 1).expand(batch, heads_kv)
+    return t.contiguous()
+
+
+def _fp8_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, descales,
+                 softmax_scale, causal, window_size, sinks, dropout_p, softcap, alibi_slopes, block_table=None):
+    """The FP8 forward (no autograd): returns (out in bfloat16, softmax_lse)."""
+    if k.dtype != torch.float8_e4m3fn or v.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"with q in float8_e4m3fn, k and v must be float8_e4m3fn too, got {k.dtype} and {v.dtype}")
+    unsupported = {"dropout_p": dropout_p != 0.0, "softcap": softcap != 0.0, "alibi_slopes": alibi_slopes is not None,
+                   "block_table": block_table is not None}
+    given = [name for name, on in unsupported.items() if on]
+    if given:
+        raise ValueError(f"float8_e4m3fn attention does not support {', '.join(given)}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("float8_e4m3fn attention is forward only: call it without requires_grad inputs")
+    batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
+    heads_kv = k.shape[-2]
+    wl, wr = _window(window_size)
+    return ops.fwd_fp8(_pad_head_dim(q, 16), _pad_head_dim(k, 16), _pad_head_dim(v, 16), cu_seqlens_q, cu_seqlens_k,
+                       seqused_k, *(_descale(t, batch, heads_kv) for t in descales), sinks, int(max_seqlen_q),
+                       int(max_seqlen_k), float(softmax_scale), bool(causal), wl, wr, 0)
+
+
+def _check_descales(q: torch.Tensor, descales) -> None:
+    if q.dtype != torch.float8_e4m3fn and any(t is not None for t in descales):
+        raise ValueError(f"q_descale, k_descale and v_descale apply to float8_e4m3fn inputs only, got q in {q.dtype}")
 
 
 class _FlashAttnFunc(torch.autograd.Function):
@@ -136,14 +182,24 @@ def flash_attn_func(
     sinks: Optional[torch.Tensor] = None,
     s_aux: Optional[torch.Tensor] = None,
     learnable_sink: Optional[torch.Tensor] = None,
+    q_descale: Optional[torch.Tensor] = None,
+    k_descale: Optional[torch.Tensor] = None,
+    v_descale: Optional[torch.Tensor] = None,
 ):
     """Attention of q (batch, seqlen_q, heads, d) over k, v (batch, seqlen_k, heads_kv, d).
 
     Returns out (batch, seqlen_q, heads, d), or (out, softmax_lse, None) when return_attn_probs.
+    float8_e4m3fn q, k, v: the FP8 forward (module docstring), out in bfloat16.
     """
     _check_head_dim(q)
+    descales = (q_descale, k_descale, v_descale)
+    _check_descales(q, descales)
     head_dim = q.shape[-1]
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
+    if q.dtype == torch.float8_e4m3fn:
+        out, lse = _fp8_forward(q, k, v, None, None, None, 0, 0, descales, scale, causal, window_size,
+                                _resolve_sinks(sinks, s_aux, learnable_sink), dropout_p, softcap, alibi_slopes)
+        return _finish(out, lse, head_dim, return_attn_probs)
     wl, wr = _window(window_size)
     seed, offset = _philox_seed_offset(q.device, dropout_p)
     out, lse = _FlashAttnFunc.apply(
@@ -175,16 +231,27 @@ def flash_attn_varlen_func(
     sinks: Optional[torch.Tensor] = None,
     s_aux: Optional[torch.Tensor] = None,
     learnable_sink: Optional[torch.Tensor] = None,
+    q_descale: Optional[torch.Tensor] = None,
+    k_descale: Optional[torch.Tensor] = None,
+    v_descale: Optional[torch.Tensor] = None,
 ):
     """Attention over packed sequences: q (total_q, heads, d), k, v (total_k, heads_kv, d).
 
     Sequence b owns rows [cu_seqlens_q[b], cu_seqlens_q[b+1]) of q (int32 offsets, batch + 1).
     With block_table (batch, max_pages), k and v are paged caches (num_pages, page_size,
     heads_kv, d) and cu_seqlens_k / seqused_k give each sequence's key count (forward only).
+    float8_e4m3fn q, k, v: the FP8 forward (module docstring), out in bfloat16.
     """
     _check_head_dim(q)
+    descales = (q_descale, k_descale, v_descale)
+    _check_descales(q, descales)
     head_dim = q.shape[-1]
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
+    if q.dtype == torch.float8_e4m3fn:
+        out, lse = _fp8_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, descales,
+                                scale, causal, window_size, _resolve_sinks(sinks, s_aux, learnable_sink), dropout_p,
+                                softcap, alibi_slopes, block_table)
+        return _finish(out, lse, head_dim, return_attn_probs)
     wl, wr = _window(window_size)
     seed, offset = _philox_seed_offset(q.device, dropout_p)
     out, lse = _FlashAttnVarlenFunc.apply(
@@ -291,6 +358,9 @@ def flash_attn_with_kvcache(
     synchronization); the attention runs in the kernel. No autograd.
     """
     _check_head_dim(q)
+    if q.dtype == torch.float8_e4m3fn:
+        raise ValueError("flash_attn_with_kvcache takes float16 / bfloat16; float8_e4m3fn runs through "
+                         "flash_attn_func and flash_attn_varlen_func")
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (the new keys and values to append)")
     head_dim = q.shape[-1]

@@ -13,6 +13,15 @@
 // softmax_scale > 0; every other call runs on the sm80-class kernels. Everything else of
 // FlashFwdParams is covered (causal, window, GQA, varlen, seqused/leftpad, paged KV with any page
 // size, cache_batch_idx, sinks, split-KV).
+//
+// FP8 (T = __nv_fp8_e4m3, every FP8 call, any row count; out in bfloat16): 8-bit wgmma takes both
+// operands K-major, so O += P V reads V transposed (fp8_transpose_v_kernel, flash_fwd.cu, writes
+// it to FlashFwdParams::fp8_scratch before the launch). Its key columns are permuted within every
+// 16 keys so that the S accumulators, rounded to e4m3 in place, are already P's A fragments (no
+// shuffles): word w of a k32 A fragment holds keys 4t .. 4t+3 of the fragment, which the S
+// accumulators of thread t hold as keys 2t, 2t+1, 2t+8, 2t+9. q_descale * k_descale joins the
+// softmax scale, v_descale the output scale; P is computed as 2^(s - max + 8), in [0, 256], to
+// use more of e4m3's range (FlashAttention-3's offset; the row sums carry the same factor).
 #pragma once
 
 #include "cuda/hopper/wgmma_tiles.cuh"
@@ -27,9 +36,11 @@ namespace detail {
 // 15-25% faster than two from 2048 rows on: flash_cuda_tune), two above (232 registers each);
 // 128-key tiles up to head dim 128, 64 above so that the S accumulators (BN / 2 registers) next to
 // O's (D / 2) fit. Short head-dim-64 calls take FwdWgmmaShortConfig64 (below).
-template <int D, int kConsumers_ = (D == 64 ? 3 : 2), int BN = (D <= 128 ? 128 : 64), int kCtas = 1>
+template <int D, int kConsumers_ = (D == 64 ? 3 : 2), int BN = (D <= 128 ? 128 : 64), int kCtas = 1,
+          int kElemBytes = 2>
 struct FwdWgmmaConfig {
   static_assert(D % 64 == 0 && D <= 256, "head-dim bucket: whole 128-byte swizzle rows");
+  static_assert(kElemBytes == 2 || BN % 32 == 0, "FP8 key tiles: whole k32 steps of P V");
   static constexpr int kConsumers = kConsumers_;
   static constexpr int kProducerThreads = 128;
   static constexpr int kThreads = kProducerThreads + 128 * kConsumers;
@@ -44,19 +55,36 @@ struct FwdWgmmaConfig {
       (kLaunchRegs * kThreads - kProducerThreads * kProducerRegs) / (128 * kConsumers) / 8 * 8 > 240
           ? 240
           : (kLaunchRegs * kThreads - kProducerThreads * kProducerRegs) / (128 * kConsumers) / 8 * 8;
-  static constexpr uint32_t kQBytes = kBlockM * D * 2;
-  static constexpr uint32_t kKVBytes = kBlockN * D * 2;  // one K or V tile
+  // Q and K rows take whole 128-byte rows of the swizzled layout (FP8 at D = 64: half used).
+  static constexpr uint32_t kRowBytes = (D * kElemBytes + 127) / 128 * 128;
+  static constexpr uint32_t kQBytes = kBlockM * kRowBytes;
+  static constexpr uint32_t kKBytes = kBlockN * kRowBytes;  // one K tile
+  // One V tile; FP8: transposed, D rows of BN keys in whole 128-byte rows.
+  static constexpr uint32_t kVBytes = kElemBytes == 2 ? kKBytes : D * ((kBlockN + 127) / 128) * 128;
   // K/V buffers each: three where they fit next to Q in an sm90 SM's 228 KB (1 KB of it reserved per
   // CTA, and the mbarriers' bytes), else two. + 1 KB to align the tiles to the swizzle period.
   static constexpr size_t kSmemLimit = 228 * 1024 / kCtas - 1024 - 128;
-  static constexpr int kStages = kQBytes + 6 * kKVBytes + 1024 <= kSmemLimit ? 3 : 2;
-  static constexpr size_t kSmemBytes = kQBytes + 2 * kStages * kKVBytes + 1024;
+  static constexpr int kStages = kQBytes + 3 * (kKBytes + kVBytes) + 1024 <= kSmemLimit ? 3 : 2;
+  static constexpr size_t kSmemBytes = kQBytes + kStages * (kKBytes + kVBytes) + 1024;
   static_assert(kSmemBytes <= kSmemLimit, "tiles fit the shared memory");
 };
+
+// The output's element type: the input's, bfloat16 for FP8.
+template <typename T>
+using FwdOut = std::conditional_t<sizeof(T) == 1, __nv_bfloat16, T>;
+
+// Four floats as e4m3 bytes, a in the lowest.
+__device__ __forceinline__ uint32_t pack4_e4m3(float a, float b, float c, float d) {
+  const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+  const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(c, d), __NV_SATFINITE, __NV_E4M3);
+  return lo | (hi << 16);
+}
 
 template <typename T, int D, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kernel(const FwdArgs args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool kFp8 = sizeof(T) == 1;
+  using TO = FwdOut<T>;
   constexpr int kStages = Cfg::kStages;
   constexpr int kLoaders = Cfg::kProducerThreads;
   constexpr int kConsumers = Cfg::kConsumers;
@@ -66,8 +94,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
   constexpr int kDT = D / 8;   // 8-column tiles of O
   extern __shared__ __align__(16) uint8_t wgmma_smem[];
   const uint32_t sQ = (smem_addr(wgmma_smem) + 1023u) & ~1023u;
-  const uint32_t sK = sQ + Cfg::kQBytes;             // [kStages] K tiles
-  const uint32_t sV = sK + kStages * Cfg::kKVBytes;  // [kStages] V tiles
+  const uint32_t sK = sQ + Cfg::kQBytes;            // [kStages] K tiles
+  const uint32_t sV = sK + kStages * Cfg::kKBytes;  // [kStages] V tiles (FP8: transposed)
   // mbarriers: Q landed; per buffer, K / V landed (the producer's threads arrive as their copies
   // complete) and K / V read (one arrival per consumer warp).
   __shared__ __align__(8) uint64_t barriers[1 + 4 * kStages];
@@ -139,14 +167,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
       return q + q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, gs.row(r), hk * group + gs.head(r));
     }, p.head_dim, q);
     cp_async_mbar_arrive(q_full);
+    // FP8: V transposed, rows = head-dim columns fp8_vt_keys(p) apart (zero past head_dim), every key
+    // column of a tile present (zero-padded to whole tiles).
+    const int vt_keys = fp8_vt_keys(p);
+    const T* vt = static_cast<const T*>(p.fp8_scratch) + (static_cast<int64_t>(b) * p.heads_kv + hk) * p.head_dim * vt_keys;
     for (int n = n_lo; n < n_hi; ++n) {
       const int st = stage(n);
       const bool reuse = n - n_lo >= kStages;
       if (reuse) mbar_wait(k_empty(st), parity(n) ^ 1u);
-      load_kv(sK + st * Cfg::kKVBytes, k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, n);
+      load_kv(sK + st * Cfg::kKBytes, k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, n);
       cp_async_mbar_arrive(k_full(st));
       if (reuse) mbar_wait(v_empty(st), parity(n) ^ 1u);
-      load_kv(sV + st * Cfg::kKVBytes, v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, n);
+      if constexpr (kFp8) {
+        cp_async_rows_sw128<T, BN, D, kLoaders>(sV + st * Cfg::kVBytes, vt + n * BN, vt_keys, p.head_dim, BN);
+      } else {
+        load_kv(sV + st * Cfg::kVBytes, v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, n);
+      }
       cp_async_mbar_arrive(v_full(st));
     }
     cp_async_drain();  // no copy outlives its thread
@@ -178,28 +214,41 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
   float l[2] = {0.f, 0.f};              // this thread's share of the row sums
   float corr[2];                        // O's rescale for the tile whose softmax ran last
   bool moved = false;                   // whether a row max of the warp moved in that tile
-  const float scale_log2 = p.softmax_scale * kLog2e;
+  // FP8: the descales of this (batch, KV head); P's exponent offset (log2 of 256).
+  const int64_t descale_at = static_cast<int64_t>(b) * p.heads_kv + hk;
+  const float qk_descale = kFp8 ? (p.q_descale != nullptr ? p.q_descale[descale_at] : 1.f) *
+                                      (p.k_descale != nullptr ? p.k_descale[descale_at] : 1.f)
+                                : 1.f;
+  const float v_descale = kFp8 && p.v_descale != nullptr ? p.v_descale[descale_at] : 1.f;
+  constexpr float kPOffset = kFp8 ? 8.f : 0.f;
+  constexpr float kPUnit = kFp8 ? 1.f / 256.f : 1.f;  // 2^-kPOffset: true P over computed P (and O)
+  const float scale_log2 = p.softmax_scale * qk_descale * kLog2e;
   const uint32_t sQ_wg = sQ + cw * 64 * 128;  // this warpgroup's 64 rows in every column block
 
+  constexpr int kKSteps = BN * static_cast<int>(sizeof(T)) / 32;  // K-steps of O += P V
   float s[BN / 2];              // S of one tile, then its probabilities P (fp32)
-  uint32_t pa[BN / 16][4];      // P as the A operand of O += P V
+  uint32_t pa[kKSteps][4];      // P as the A operand of O += P V
   // S = Q K^T of tile n.
   auto issue_s = [&](int n) {
-    const uint32_t cK = sK + stage(n) * Cfg::kKVBytes;
+    const uint32_t cK = sK + stage(n) * Cfg::kKBytes;
     wgmma_fence();
     wgmma_ss_k_major<T, BN, D>(s, sQ_wg, BM, cK, BN);
     wgmma_commit();
   };
-  // O += P V of tile n: K-step kk starts 16 rows (2048 bytes) into the V tile, whose column blocks
-  // are BN rows apart.
+  // O += P V of tile n. 16-bit: K-step kk starts 16 rows (2048 bytes) into the V tile, whose column
+  // blocks are BN rows apart. FP8 (V transposed, K-major): 32 bytes into the rows of block kk / 4.
   auto issue_pv = [&](int n) {
-    const uint32_t cV = sV + stage(n) * Cfg::kKVBytes;
+    const uint32_t cV = sV + stage(n) * Cfg::kVBytes;
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) pin_registers(pa[kk]);
+    for (int kk = 0; kk < kKSteps; ++kk) pin_registers(pa[kk]);
     pin_registers(o);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) WgmmaRs<T, D>::rs(o, pa[kk], sw128_desc(cV + kk * 16 * 128, BN * 128));
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      const uint64_t desc = kFp8 ? sw128_desc(cV + (kk / 4) * D * 128 + (kk % 4) * 32, 16)
+                                 : sw128_desc(cV + kk * 16 * 128, BN * 128);
+      WgmmaRs<T, D>::rs(o, pa[kk], desc);
+    }
     wgmma_commit();
   };
   // Waits until the producer's copies into a buffer have landed; cp.async wrote them through the
@@ -238,8 +287,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
 #pragma unroll
       for (int t = 0; t < kNT; ++t) part[t] = fmaxf(s[4 * t + 2 * e], s[4 * t + 2 * e + 1]);
       const float m_new = fmaxf(m[e], quad_max(tree_reduce<kNT>(part, [](float x, float y) { return fmaxf(x, y); })) * scale_log2);
-      m_use[e] = m_new == neg_inf() ? 0.f : m_new;  // no key seen yet: avoid inf - inf
-      corr[e] = m_new == m[e] ? 1.f : fast_exp2(m[e] - m_use[e]);
+      m_use[e] = m_new == neg_inf() ? 0.f : m_new - kPOffset;  // no key seen yet: avoid inf - inf
+      corr[e] = m_new == m[e] ? 1.f : fast_exp2(m[e] - kPOffset - m_use[e]);
       moved |= m_new != m[e];
       m[e] = m_new;
       l[e] *= corr[e];
@@ -254,19 +303,28 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
       l[e] += tree_reduce<kNT>(part, [](float x, float y) { return x + y; });
     }
   };
-  // Rescales O (when a row max moved) and converts P to the A operand: the S accumulators of
-  // column tiles 2kk, 2kk+1 are the A fragment of keys 16kk..16kk+15.
+  // Rescales O (when a row max moved) and converts P to the A operand. 16-bit: the S accumulators
+  // of column tiles 2kk, 2kk+1 are the A fragment of keys 16kk..16kk+15. FP8: those of column
+  // tiles 4kk..4kk+3, words in the order of V's permuted key columns (top of this file).
   auto rescale_and_pack = [&]() {
     if (__any_sync(0xFFFFFFFFu, moved)) {
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] *= corr[(i >> 1) & 1];
     }
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-      pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      if constexpr (kFp8) {
+        const float* x = s + 16 * kk;
+        pa[kk][0] = pack4_e4m3(x[0], x[1], x[4], x[5]);
+        pa[kk][1] = pack4_e4m3(x[2], x[3], x[6], x[7]);
+        pa[kk][2] = pack4_e4m3(x[8], x[9], x[12], x[13]);
+        pa[kk][3] = pack4_e4m3(x[10], x[11], x[14], x[15]);
+      } else {
+        pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+        pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+      }
     }
   };
 
@@ -304,7 +362,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
     release(v_empty(stage(n)));
     pin_registers(o);
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) pin_registers(pa[kk]);  // P of tile n stays put until its product is done
+    for (int kk = 0; kk < kKSteps; ++kk) pin_registers(pa[kk]);  // P of tile n stays put until its product is done
     rescale_and_pack();
   }
   if (n_lo < n_hi) {
@@ -316,8 +374,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
     pin_registers(o);
   }
 
+  // True row sums (m holds the true row max); O still carries 2^kPOffset, undone with v_descale.
 #pragma unroll
-  for (int e = 0; e < 2; ++e) l[e] = quad_sum(l[e]);
+  for (int e = 0; e < 2; ++e) l[e] = quad_sum(l[e]) * kPUnit;
+  const float o_unit = v_descale * kPUnit;
 
   // Epilogue (as the sm80-class kernel's): natural-log lse, the sink, split partials.
 #pragma unroll
@@ -328,7 +388,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
     const int h = hk * group + gs.head(r);
     if (args.num_splits > 1) {
       const int64_t ar = ((static_cast<int64_t>(split) * p.batch + b) * p.heads_q + h) * p.seqlen_q + i;
-      const float inv = l[e] > 0.f ? 1.f / l[e] : 0.f;
+      const float inv = l[e] > 0.f ? o_unit / l[e] : 0.f;
       float* oa = p.out_accum + ar * p.head_dim;
 #pragma unroll
       for (int t = 0; t < kDT; ++t) {
@@ -346,18 +406,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
       const float sink2 = p.sinks[h] * kLog2e;
       const float mx = fmaxf(m[e], sink2);
       const float total = l[e] * exp2f(m[e] - mx) + exp2f(sink2 - mx);
-      out_scale = exp2f(m[e] - mx) / total;
+      out_scale = o_unit * exp2f(m[e] - mx) / total;
       lse = (mx + log2f(total)) * kLn2;
     } else {
-      out_scale = 1.f / l[e];
+      out_scale = o_unit / l[e];
       lse = (m[e] + log2f(l[e])) * kLn2;
     }
-    T* out = static_cast<T*>(p.out) + q_offset(varlen, p.o_batch_stride, p.o_row_stride, p.o_head_stride, si, b, i, h);
+    TO* out = static_cast<TO*>(p.out) + q_offset(varlen, p.o_batch_stride, p.o_row_stride, p.o_head_stride, si, b, i, h);
 #pragma unroll
     for (int t = 0; t < kDT; ++t) {
       const int d = t * 8 + tq * 2;
       if (d < p.head_dim) {
-        *reinterpret_cast<uint32_t*>(out + d) = pack2<T>(o[4 * t + 2 * e] * out_scale, o[4 * t + 2 * e + 1] * out_scale);
+        *reinterpret_cast<uint32_t*>(out + d) = pack2<TO>(o[4 * t + 2 * e] * out_scale, o[4 * t + 2 * e + 1] * out_scale);
       }
     }
     if (tq == 0 && p.softmax_lse != nullptr) p.softmax_lse[lse_offset(p, si, b, i, h)] = lse;
@@ -379,28 +439,36 @@ void launch_fwd_wgmma_config(const FwdArgs& args, cudaStream_t stream) {
 // or too unevenly loaded: two CTAs per SM of two consumers x 64-key tiles (measured in
 // flash_cuda_tune's candidate section, kernel alone: at 512-1024 rows 250-298 against 222-295
 // TFLOP/s, causal 133-197 against 90-141; from 2048 rows (4096 causal) on the three consumers win).
-template <int D>
+// (16-bit only: FP8 calls take the default shape.)
+template <typename T, int D>
 bool fwd_wgmma_short_tiles(const FwdArgs& args) {
   const int rows = args.p.seqlen_q * args.s.group;
-  return D == 64 && (rows <= 1024 || (args.s.window_right >= 0 && rows <= 2048));
+  return D == 64 && sizeof(T) == 2 && (rows <= 1024 || (args.s.window_right >= 0 && rows <= 2048));
 }
 using FwdWgmmaShortConfig64 = FwdWgmmaConfig<64, 2, 64, 2>;
+// The default shape of a head-dim bucket for element type T (16-bit or FP8).
+// FP8 at D = 256 takes 128-key tiles (116 bytes of spill, still 4-8% faster than 64 keys:
+// flash_cuda_tune's fp8 section).
+template <typename T, int D>
+using FwdWgmmaDefaultConfig =
+    FwdWgmmaConfig<D, (D == 64 ? 3 : 2), (D <= 128 || sizeof(T) == 1 ? 128 : 64), 1, sizeof(T)>;
 
 // Explicitly instantiated once per head-dim bucket (instantiations/flash_fwd_wgmma_hdim*.cu).
 template <typename T, int D>
 void launch_fwd_wgmma(const FwdArgs& args, cudaStream_t stream) {
-  if constexpr (D == 64) {
-    if (fwd_wgmma_short_tiles<D>(args)) return launch_fwd_wgmma_config<T, D, FwdWgmmaShortConfig64>(args, stream);
+  if constexpr (D == 64 && sizeof(T) == 2) {
+    if (fwd_wgmma_short_tiles<T, D>(args)) return launch_fwd_wgmma_config<T, D, FwdWgmmaShortConfig64>(args, stream);
   }
-  launch_fwd_wgmma_config<T, D, FwdWgmmaConfig<D>>(args, stream);
+  launch_fwd_wgmma_config<T, D, FwdWgmmaDefaultConfig<T, D>>(args, stream);
 }
 
 // CTAs of one split of a call and CTAs per SM (for the split heuristic).
 template <typename T, int D>
 FwdOccupancy fwd_wgmma_occupancy(const FwdArgs& args) {
-  const bool short_tiles = fwd_wgmma_short_tiles<D>(args);
-  const int block_m = short_tiles ? FwdWgmmaShortConfig64::kBlockM : FwdWgmmaConfig<D>::kBlockM;
-  const int ctas_per_sm = short_tiles ? FwdWgmmaShortConfig64::kCtasPerSm : FwdWgmmaConfig<D>::kCtasPerSm;
+  using Cfg = FwdWgmmaDefaultConfig<T, D>;
+  const bool short_tiles = fwd_wgmma_short_tiles<T, D>(args);
+  const int block_m = short_tiles ? FwdWgmmaShortConfig64::kBlockM : Cfg::kBlockM;
+  const int ctas_per_sm = short_tiles ? FwdWgmmaShortConfig64::kCtasPerSm : Cfg::kCtasPerSm;
   const FlashFwdParams& p = args.p;
   return {static_cast<int64_t>(ceil_div(p.seqlen_q * args.s.group, block_m)) * p.heads_kv * p.batch, ctas_per_sm};
 }

@@ -10,10 +10,17 @@ namespace cuda {
 namespace detail {
 
 // ---- 128-byte swizzled tiles ----------------------------------------------------------------
-// A ROWS x D tile is stored as D / 64 column blocks of ROWS rows x 128 bytes; the 16-byte chunk c of
-// a row r sits at chunk c ^ (r % 8) of its row. This is wgmma's SWIZZLE_128B layout both for a
-// K-major operand (rows = M or N, 64 K-elements per block: Q and K in S = Q K^T) and for an
-// MN-major one (rows = K, 64 N-elements per block: V in O = P V).
+// A ROWS x D tile is stored as column blocks of ROWS rows x 128 bytes (64 16-bit or 128 8-bit
+// elements; a last partial block is padded); the 16-byte chunk c of a row r sits at chunk
+// c ^ (r % 8) of its row. This is wgmma's SWIZZLE_128B layout both for a K-major operand (rows = M
+// or N: Q and K in S = Q K^T, V transposed in the FP8 forward's O = P V) and for an MN-major one
+// (rows = K, 64 N-elements per block: V in the 16-bit O = P V).
+template <typename T>
+struct Sw128 {
+  static constexpr int kChunk = 16 / sizeof(T);   // elements per 16-byte chunk
+  static constexpr int kBlock = 128 / sizeof(T);  // elements per 128-byte row of a column block
+  static constexpr int blocks(int d) { return (d + kBlock - 1) / kBlock; }
+};
 __device__ __forceinline__ uint32_t sw128_offset(int row, int chunk, int rows) {
   return static_cast<uint32_t>(((chunk >> 3) * rows + row) * 128 + (((chunk & 7) ^ (row & 7)) << 4));
 }
@@ -37,11 +44,12 @@ __device__ __forceinline__ void cp_async4_shared(uint32_t dst, const void* src, 
 
 // cp.async copies of a ROWS x D tile into the swizzled layout at shared address `tile`, by threads
 // 0 .. NT-1. Each thread owns one 16-byte chunk column (of the 8 in a 128-byte row) in every
-// 64-column block, and the rows NT / 8 apart from its first: rows that far apart keep their swizzle
+// column block, and the rows NT / 8 apart from its first: rows that far apart keep their swizzle
 // phase, so the destination steps by a constant (and every D that is a multiple of 64, 192 included,
 // takes the same loop). Null rows and chunks at or past head_dim are zero-filled.
 template <typename T, int D, int ROWS, int NT, typename RowPtr>
 __device__ __forceinline__ void cp_async_tile_sw128(uint32_t tile, RowPtr row_ptr, int head_dim, const T* any_valid) {
+  using L = Sw128<T>;
   constexpr int kRowStep = NT / 8;
   static_assert(NT % 64 == 0, "rows of a thread keep their swizzle phase");
   const int c = threadIdx.x % 8;
@@ -52,9 +60,10 @@ __device__ __forceinline__ void cp_async_tile_sw128(uint32_t tile, RowPtr row_pt
     if (ROWS % kRowStep != 0 && row0 + it * kRowStep >= ROWS) break;
     const T* src = row_ptr(row0 + it * kRowStep);
 #pragma unroll
-    for (int cb = 0; cb < D / 64; ++cb) {
-      const bool ok = src != nullptr && (cb * 8 + c) * 8 < head_dim;
-      cp_async16_shared(dst0 + (cb * ROWS + it * kRowStep) * 128, ok ? src + (cb * 8 + c) * 8 : any_valid, ok ? 16 : 0);
+    for (int cb = 0; cb < L::blocks(D); ++cb) {
+      const int col = (cb * 8 + c) * L::kChunk;
+      const bool ok = src != nullptr && col < head_dim;
+      cp_async16_shared(dst0 + (cb * ROWS + it * kRowStep) * 128, ok ? src + col : any_valid, ok ? 16 : 0);
     }
   }
 }
@@ -65,20 +74,21 @@ __device__ __forceinline__ void cp_async_tile_sw128(uint32_t tile, RowPtr row_pt
 template <typename T, int D, int ROWS, int NT>
 __device__ __forceinline__ void cp_async_rows_sw128(uint32_t tile, const T* first, int64_t row_stride, int valid_rows,
                                                     int head_dim) {
+  using L = Sw128<T>;
   constexpr int kRowStep = NT / 8;
   static_assert(NT % 64 == 0, "rows of a thread keep their swizzle phase");
   const int c = threadIdx.x % 8;
   const int row0 = threadIdx.x / 8;
   const uint32_t dst0 = tile + row0 * 128 + ((c ^ (row0 & 7)) << 4);  // sw128_offset(row0, c, ROWS)
-  const T* src = first + row0 * row_stride + c * 8;
+  const T* src = first + row0 * row_stride + c * L::kChunk;
 #pragma unroll
   for (int it = 0; it < ceil_div(ROWS, kRowStep); ++it) {
     if (ROWS % kRowStep != 0 && row0 + it * kRowStep >= ROWS) break;
     const bool row_ok = row0 + it * kRowStep < valid_rows;
 #pragma unroll
-    for (int cb = 0; cb < D / 64; ++cb) {
-      const bool ok = row_ok && (cb * 8 + c) * 8 < head_dim;
-      cp_async16_shared(dst0 + (cb * ROWS + it * kRowStep) * 128, ok ? src + cb * 64 : first, ok ? 16 : 0);
+    for (int cb = 0; cb < L::blocks(D); ++cb) {
+      const bool ok = row_ok && (cb * 8 + c) * L::kChunk < head_dim;
+      cp_async16_shared(dst0 + (cb * ROWS + it * kRowStep) * 128, ok ? src + cb * L::kBlock : first, ok ? 16 : 0);
     }
     src += kRowStep * row_stride;
   }
@@ -152,12 +162,12 @@ __device__ __forceinline__ void pin_registers(uint32_t (&r)[N]) {
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // acc (+)= A B^T over K = D with both operands K-major in the 128-byte swizzled layout: A's column
-// blocks are a_rows rows apart, B's b_rows; K-step kk is 32 bytes into the rows of block kk / 4.
-// N is B's row count (the product's N); the first step overwrites acc.
+// blocks are a_rows rows apart, B's b_rows; K-step kk (16 16-bit or 32 8-bit elements) is 32 bytes
+// into the rows of block kk / 4. N is B's row count (the product's N); the first step overwrites acc.
 template <typename T, int N, int D, int kAcc>
 __device__ __forceinline__ void wgmma_ss_k_major(float (&acc)[kAcc], uint32_t a, int a_rows, uint32_t b, int b_rows) {
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
+  for (int kk = 0; kk < D * static_cast<int>(sizeof(T)) / 32; ++kk) {
     const uint32_t step = (kk % 4) * 32;
     Wgmma<T, N>::ss(acc, sw128_desc(a + (kk / 4) * a_rows * 128 + step, 16),
                     sw128_desc(b + (kk / 4) * b_rows * 128 + step, 16), kk > 0);

@@ -9,6 +9,9 @@ template void launch_fwd_wgmma<__half, 128>(const FwdArgs&, cudaStream_t);
 template void launch_fwd_wgmma<__nv_bfloat16, 128>(const FwdArgs&, cudaStream_t);
 template FwdOccupancy fwd_wgmma_occupancy<__half, 128>(const FwdArgs&);
 template FwdOccupancy fwd_wgmma_occupancy<__nv_bfloat16, 128>(const FwdArgs&);
+// FP8 (e4m3 in, bfloat16 out): tile widths 64, 128 and 256 only.
+template void launch_fwd_wgmma<__nv_fp8_e4m3, 128>(const FwdArgs&, cudaStream_t);
+template FwdOccupancy fwd_wgmma_occupancy<__nv_fp8_e4m3, 128>(const FwdArgs&);
 }  // namespace detail
 }  // namespace cuda
 }  // namespace flash

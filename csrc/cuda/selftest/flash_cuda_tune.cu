@@ -2,7 +2,7 @@
 // hidden 2048): (1) the production entry points run_fwd / run_bwd, (2) paged decode, (3) candidate
 // forward tile shapes, each checked against the general kMT = 1 instantiation, (4) candidate Hopper
 // backward shapes, each checked against run_bwd, on the same inputs (outputs poisoned with NaN
-// first). FLASH_TUNE_SECTIONS=entry,decode,fwd,bwd picks sections (default: all). Not part of the
+// first). FLASH_TUNE_SECTIONS=entry,decode,fwd,bwd,fp8 picks sections (default: all). Not part of the
 // build; ci/gpu-kernel-check.sh builds and runs it (linked with the kernel objects); figures go to
 // benchmarks/cuda_kernel_notes.md.
 #include <cuda_bf16.h>
@@ -189,6 +189,17 @@ int main() {
       {"wgmma 2 consumers bn64", 128, launch_fwd_wgmma_config<T, 128, FwdWgmmaConfig<128, 2, 64, 1>>},
       {"wgmma (sm90a)", 192, launch_fwd_wgmma<T, 192>},
       {"wgmma (sm90a)", 256, launch_fwd_wgmma<T, 256>},
+  };
+  using F8 = __nv_fp8_e4m3;
+  const Candidate fp8_candidates[] = {
+      {"fp8 wgmma 3 cons bn128", 64, launch_fwd_wgmma_config<F8, 64, FwdWgmmaConfig<64, 3, 128, 1, 1>>},
+      {"fp8 wgmma 2 cons bn128", 64, launch_fwd_wgmma_config<F8, 64, FwdWgmmaConfig<64, 2, 128, 1, 1>>},
+      {"fp8 wgmma 2 cons bn256", 64, launch_fwd_wgmma_config<F8, 64, FwdWgmmaConfig<64, 2, 256, 1, 1>>},
+      {"fp8 wgmma 2 cons bn128", 128, launch_fwd_wgmma_config<F8, 128, FwdWgmmaConfig<128, 2, 128, 1, 1>>},
+      {"fp8 wgmma 3 cons bn128", 128, launch_fwd_wgmma_config<F8, 128, FwdWgmmaConfig<128, 3, 128, 1, 1>>},
+      {"fp8 wgmma 2 cons bn64", 128, launch_fwd_wgmma_config<F8, 128, FwdWgmmaConfig<128, 2, 64, 1, 1>>},
+      {"fp8 wgmma 2 cons bn64", 256, launch_fwd_wgmma_config<F8, 256, FwdWgmmaConfig<256, 2, 64, 1, 1>>},
+      {"fp8 wgmma 2 cons bn128", 256, launch_fwd_wgmma_config<F8, 256, FwdWgmmaConfig<256, 2, 128, 1, 1>>},
   };
   const BwdCandidate bwd_candidates[] = {
       {"wgmma bm128 rows", 64, launch_bwd_wgmma_config<T, 64, BwdWgmmaConfig<64, 128>>},
@@ -494,6 +505,62 @@ int main() {
         }
       }
     }
+  }
+
+  // (5) FP8 forward (e4m3 q / k / v with descales, bfloat16 out; run_fwd, V's transpose included):
+  // the same shapes, FLOPs counted as for 16 bits.
+  if (section("fp8")) {
+    void *q8, *k8, *v8, *scratch = nullptr;
+    float* descale;
+    std::vector<uint8_t> bytes(n);
+    for (void** ptr : {&q8, &k8, &v8}) {
+      for (auto& x : bytes) x = __nv_fp8_e4m3(normal(rng)).__x;
+      CHECK_CUDA(cudaMalloc(ptr, n));
+      CHECK_CUDA(cudaMemcpy(*ptr, bytes.data(), n, cudaMemcpyHostToDevice));
+    }
+    const std::vector<float> ones(tokens, 1.f);  // (batch, heads) <= tokens
+    CHECK_CUDA(cudaMalloc(&descale, tokens * sizeof(float)));
+    CHECK_CUDA(cudaMemcpy(descale, ones.data(), tokens * sizeof(float), cudaMemcpyHostToDevice));
+    std::printf("%-10s %4s %6s %6s %9s %9s\n", "fp8", "d", "seqlen", "causal", "ms", "TFLOP/s");
+    for (int d : {64, 128, 256}) {
+      for (int seqlen : {2048, 8192, 16384}) {
+        for (bool causal : {false, true}) {
+          const Shape shape{tokens / seqlen, seqlen, hidden / d, d, causal};
+          flash::FlashFwdParams fp = make_params(shape, q8, k8, v8, o, lse);
+          fp.dtype = flash::DType::kFloat8E4M3;
+          fp.q_descale = fp.k_descale = fp.v_descale = descale;
+          if (scratch == nullptr) CHECK_CUDA(cudaMalloc(&scratch, flash::cuda::fwd_fp8_scratch_bytes(fp)));
+          fp.fp8_scratch = scratch;  // the same size for every shape here (tokens x hidden bytes)
+          CHECK_CUDA(cudaMemset(o, 0xFF, n * 2));  // NaN poison
+          flash::cuda::run_fwd(fp, nullptr);
+          CHECK_CUDA(cudaDeviceSynchronize());
+          const std::vector<float> out = fetch(o, n);
+          const bool nan = !std::all_of(out.begin(), out.end(), [](float x) { return std::isfinite(x); });
+          failures += nan;
+          const double flops = 4.0 * shape.batch * seqlen * static_cast<double>(seqlen) * shape.heads * d / (causal + 1);
+          const float ms = time_ms([&] { flash::cuda::run_fwd(fp, nullptr); });
+          std::printf("%-26s %4d %6d %6d %9.3f %9.1f%s\n", "fp8 run_fwd", d, seqlen, causal, ms, flops / ms / 1e9,
+                      nan ? "  NaN/inf FAIL" : "");
+          // Tile shapes, the kernel alone on the V transposed by the run above (outputs against it).
+          const FwdArgs args{fp, make_score_args(fp), 1};
+          for (const Candidate& c : fp8_candidates) {
+            if (c.d != d) continue;
+            CHECK_CUDA(cudaMemset(o, 0xFF, n * 2));
+            c.launch(args, nullptr);
+            CHECK_CUDA(cudaDeviceSynchronize());
+            const std::vector<float> got = fetch(o, n);
+            double diff = 0.0;
+            for (size_t i = 0; i < n; ++i) diff = std::isfinite(got[i]) ? std::fmax(diff, std::fabs(got[i] - out[i])) : INFINITY;
+            const bool bad = !(diff < 5e-2);  // (P's e4m3 rounding differs with the tile shape)
+            failures += bad;
+            const float cms = time_ms([&] { c.launch(args, nullptr); });
+            std::printf("%-26s %4d %6d %6d %9.3f %9.1f  max|diff| %.2e%s\n", c.name, d, seqlen, causal, cms,
+                        flops / cms / 1e9, diff, bad ? "  FAIL" : "");
+          }
+        }
+      }
+    }
+    for (void* ptr : {q8, k8, v8, scratch, static_cast<void*>(descale)}) CHECK_CUDA(cudaFree(ptr));
   }
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
   return failures ? 1 : 0;
