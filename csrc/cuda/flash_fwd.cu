@@ -360,6 +360,16 @@ int split_heuristic(const FlashFwdParams& p) {
   return 1;
 }
 
+// Split-KV: merges the splits' partial outputs into out (element type TO).
+template <typename TO>
+void launch_combine(const FwdArgs& args, cudaStream_t stream) {
+  if (args.num_splits <= 1) return;
+  const FlashFwdParams& p = args.p;
+  const dim3 cgrid(ceil_div(p.seqlen_q, kThreads / 32), p.heads_q, p.batch);
+  combine_kernel<TO><<<cgrid, kThreads, 0, stream>>>(args);
+  check_launch("combine_kernel launch");
+}
+
 template <typename T, int D>
 void launch_fwd(const FwdArgs& args, cudaStream_t stream) {
   const FlashFwdParams& p = args.p;
@@ -376,11 +386,7 @@ void launch_fwd(const FwdArgs& args, cudaStream_t stream) {
     fwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(args);
     check_launch("fwd_kernel launch");
   }
-  if (args.num_splits > 1) {
-    const dim3 cgrid(ceil_div(p.seqlen_q, kThreads / 32), p.heads_q, p.batch);
-    combine_kernel<T><<<cgrid, kThreads, 0, stream>>>(args);
-    check_launch("combine_kernel launch");
-  }
+  launch_combine<T>(args, stream);
 }
 
 // FP8 runs on the Hopper kernel only.
@@ -436,11 +442,7 @@ void launch_fwd_fp8(const FwdArgs& args, cudaStream_t stream) {
     check_launch("fp8_transpose_v_kernel launch");
   }
   dispatch_fp8_head_dim(p.head_dim, [&](auto d) { launch_fwd_wgmma<__nv_fp8_e4m3, decltype(d)::value>(args, stream); });
-  if (args.num_splits > 1) {
-    const dim3 cgrid(ceil_div(p.seqlen_q, kThreads / 32), p.heads_q, p.batch);
-    combine_kernel<__nv_bfloat16><<<cgrid, kThreads, 0, stream>>>(args);
-    check_launch("combine_kernel launch");
-  }
+  launch_combine<__nv_bfloat16>(args, stream);
 }
 
 }  // namespace
