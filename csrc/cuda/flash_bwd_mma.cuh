@@ -512,7 +512,8 @@ template <typename T, typename Kernel>
 void launch_fused_bwd(const BwdArgs& args, Kernel kernel, int key_ctas, int threads, size_t smem, const char* name,
                       cudaStream_t stream) {
   const FlashBwdParams& p = args.p;
-  check_cuda(cudaMemsetAsync(dq_accum(p), 0, dq_accum_floats(p) * sizeof(float), stream), "cudaMemsetAsync(dq_accum)");
+  const size_t accum_bytes = static_cast<size_t>(dq_accum_q_rows(p)) * p.heads_q * p.head_dim * sizeof(float);
+  check_cuda(cudaMemsetAsync(dq_accum(p), 0, accum_bytes, stream), "cudaMemsetAsync(dq_accum)");
   if (p.seqlen_k > 0) {
     const dim3 grid(key_ctas, p.heads_kv, p.batch);
     kernel<<<grid, threads, smem, stream>>>(args);

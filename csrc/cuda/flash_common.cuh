@@ -180,15 +180,19 @@ __device__ __forceinline__ int64_t di_offset(const FlashFwdParams& p, int b, int
   return (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + i;
 }
 
-// float32 dQ accumulator of the fused backward (flash_bwd_mma.cuh), after Di in the workspace:
-// (q row, head, head_dim) with q row = b * seqlen_q + i, or the varlen row. run_bwd zeroes it.
+// float32 dQ accumulator of the fused backwards, after Di in the workspace. The sm80-class kernel
+// (flash_bwd_mma.cuh) lays it out (q row, head, head_dim) with q row = b * seqlen_q + i, or the
+// varlen row; the Hopper kernel in 64-column blocks (flash_bwd_wgmma.cuh). Each zeroes its part.
 __host__ __device__ inline int64_t di_floats(const FlashBwdParams& p) {
   return (static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q + 3) / 4 * 4;  // keeps dQ 16-byte aligned
 }
 __host__ __device__ inline float* dq_accum(const FlashBwdParams& p) { return p.workspace + di_floats(p); }
+__host__ __device__ inline int64_t dq_accum_q_rows(const FlashBwdParams& p) {
+  return p.cu_seqlens_q != nullptr ? p.total_q : static_cast<int64_t>(p.batch) * p.seqlen_q;
+}
+// Its capacity: head_dim rounded up to the Hopper layout's 64-column blocks.
 __host__ __device__ inline int64_t dq_accum_floats(const FlashBwdParams& p) {
-  const int64_t q_rows = p.cu_seqlens_q != nullptr ? p.total_q : static_cast<int64_t>(p.batch) * p.seqlen_q;
-  return q_rows * p.heads_q * p.head_dim;
+  return dq_accum_q_rows(p) * p.heads_q * ((p.head_dim + 63) / 64 * 64);
 }
 __device__ __forceinline__ float* dq_accum_row(const FlashBwdParams& p, const SeqInfo& si, int b, int i, int h) {
   const int64_t row = p.cu_seqlens_q != nullptr ? si.q_row0 + i : static_cast<int64_t>(b) * p.seqlen_q + i;
