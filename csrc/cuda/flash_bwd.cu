@@ -2,9 +2,10 @@
 //   1. dot_do_o_kernel   Di = rowsum(dO_i * O_i) per (b, h, i), float32 in the workspace.
 //   2. dsinks_kernel     dsink_h = -sum_{b,i} exp(sink_h - lse_i) * Di, one CTA per head, fixed order.
 //   3. on sm90, the Hopper kernel (hopper/flash_bwd_wgmma.cuh) for the calls it takes
-//      (hopper_bwd_supported): one wgmma pass per key block that accumulates dQ with float32 atomics.
+//      (hopper_bwd_supported): one wgmma pass per key block that adds dQ into a float32
+//      accumulator by bulk reductions (cp.reduce.async.bulk).
 //   4. the tensor-core kernels (flash_bwd_mma.cuh) for calls without dropout: by default one pass
-//      per key block that also accumulates dQ with float32 atomics; deterministic calls (and SIMT)
+//      per key block that accumulates dQ with float32 atomics; deterministic calls (and SIMT)
 //      take dQ and dK/dV from two kernels without atomics, bit-identical from run to run.
 //   5. otherwise the SIMT kernels:
 //      dq_kernel         one CTA per (packed query block, KV head, batch) walks the key blocks:
