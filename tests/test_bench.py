@@ -252,3 +252,33 @@ def test_train_loop_and_build_vs_hub_reports():
     summary = build_vs_hub.summarize({"source": [{"load_s": 1, "first_call_s": 1, "ms": 2.0}],
                                       "hub": [{"load_s": 1, "first_call_s": 1, "ms": 2.5}]}, 60.0)
     assert summary["identical_within_noise"] is False and summary["time_to_kernel_source_s"] == 61.0
+
+
+def test_ncu_summary_ranks_stall_reasons_and_instructions(tmp_path: Path) -> None:
+    """benchmarks/ncu_summary.py on a source page in ncu's CSV shape (kernel line, then the table)."""
+    import gzip
+
+    import ncu_summary
+
+    header = ['"Address"', '"Source"', '"Warp Stall Sampling (All Samples)"', '"stall_barrier"', '"stall_long_sb"',
+              '"stall_barrier (Not Issued)"']
+    rows = [["0x10", "  HGMMA.64x64x16.F32.BF16 R1", "90", "80", "10", "80"],
+            ["0x20", "  SHFL.BFLY PT, R2, R3, 0x1, 0x1f", "10", "0", "10", "0"],
+            ["0x30", "  EXIT", "", "", "", ""]]
+    text = '"Kernel Name","void k<int>(Args)",\n' + ",".join(header) + "\n"
+    text += "\n".join(",".join(f'"{v}"' for v in row) for row in rows) + "\n"
+    path = tmp_path / "sass.csv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(text)
+    out = ncu_summary.summarize(str(path), top=1)
+    assert "kernel: void k<int>(Args)" in out
+    assert "warp-state samples: 100" in out
+    reasons = out.split("stall reasons")[1].split("top 1")[0]
+    assert reasons.index("barrier") < reasons.index("long_sb")  # 80 before 20
+    assert " 80.0%" in reasons and " 20.0%" in reasons
+    listed = out.split("top 1 instructions")[1]
+    assert "HGMMA" in listed and "SHFL" not in listed and "barrier 80, long_sb 10" in listed
+    with pytest.raises(SystemExit, match="no 'Warp Stall Sampling"):
+        bare = tmp_path / "bare.csv"
+        bare.write_text('"Address","Source"\n"0x10","EXIT"\n')
+        ncu_summary.summarize(str(bare), top=1)
