@@ -141,8 +141,9 @@ __device__ __forceinline__ void claim_registers() {
 
 // ---- bulk reductions into global memory -----------------------------------------------------
 // `bytes` (a multiple of 16, both addresses 16-byte aligned) of float32 at shared address `src`
-// added to global `dst` by the copy engine (cp.reduce.async.bulk: one instruction for a whole row,
-// where per-thread atomics cost a shuffle and an address per 16 bytes). It reads shared memory
+// added to global `dst` by the copy engine (cp.reduce.async.bulk: one instruction for a contiguous
+// run, where per-thread atomics cost a shuffle and an address per 16 bytes; it takes its operands
+// from uniform registers, so lanes issuing their own runs take turns). It reads shared memory
 // through the async proxy: fence_proxy_async() after the writes, before the issuing thread's
 // barrier. Tracked per issuing thread in bulk groups.
 __device__ __forceinline__ void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
