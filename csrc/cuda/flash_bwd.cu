@@ -3,7 +3,7 @@
 //   2. dsinks_kernel     dsink_h = -sum_{b,i} exp(sink_h - lse_i) * Di, one CTA per head, fixed order.
 //   3. on sm90, the Hopper kernel (hopper/flash_bwd_wgmma.cuh) for the calls it takes
 //      (hopper_bwd_supported): one wgmma pass per key block that adds dQ into a float32
-//      accumulator by bulk reductions (cp.reduce.async.bulk).
+//      accumulator by bulk reductions (cp.reduce.async.bulk; 8-byte atomics at head dim 256).
 //   4. the tensor-core kernels (flash_bwd_mma.cuh) for calls without dropout: by default one pass
 //      per key block that accumulates dQ with float32 atomics; deterministic calls (and SIMT)
 //      take dQ and dK/dV from two kernels without atomics, bit-identical from run to run.
@@ -30,17 +30,17 @@ template <typename T, int D>
 void launch_bwd_mma(const BwdArgs& args, cudaStream_t stream);
 template <int D>
 bool bwd_mma_covers(const FlashBwdParams& p);
-// The Hopper backward (hopper/flash_bwd_wgmma.cuh), tile widths 64 and 128.
+// The Hopper backward (hopper/flash_bwd_wgmma.cuh), tile widths 64, 128 and 256.
 template <typename T, int D>
 void launch_bwd_wgmma(const BwdArgs& args, cudaStream_t stream);
 
 namespace {
 
 // Whether a backward call runs on the Hopper kernel: the Hopper kernels are enabled, head dim in
-// (32, 128] (run at 64 or 128: dispatch_hopper_head_dim), and a fused call (not deterministic, no
-// dropout) without softcap or ALiBi, with softmax_scale > 0 (masked scores are -inf).
+// (32, 256] (run at 64, 128 or 256: launch_bwd), and a fused call (not deterministic, no dropout)
+// without softcap or ALiBi, with softmax_scale > 0 (masked scores are -inf).
 bool hopper_bwd_supported(const FlashBwdParams& p) {
-  if (!hopper_kernels_enabled() || p.head_dim <= 32 || p.head_dim > 128) return false;
+  if (!hopper_kernels_enabled() || p.head_dim <= 32 || p.head_dim > 256) return false;
   return bwd_fused_dq(p) && p.softcap == 0.f && p.alibi_slopes == nullptr && p.softmax_scale > 0.f;
 }
 
@@ -387,11 +387,13 @@ void launch_bwd(const BwdArgs& args, cudaStream_t stream) {
     check_launch("dsinks_kernel launch");
   }
   switch (choose_bwd_kernel(p)) {
-    case BwdKernel::kWgmma:  // head dims 33..128 (hopper_bwd_supported)
+    case BwdKernel::kWgmma:  // head dims 33..256 (hopper_bwd_supported), 129..192 at 256 too
       if (p.head_dim <= 64) {
         launch_bwd_wgmma<T, 64>(args, stream);
-      } else {
+      } else if (p.head_dim <= 128) {
         launch_bwd_wgmma<T, 128>(args, stream);
+      } else {
+        launch_bwd_wgmma<T, 256>(args, stream);
       }
       return;
     case BwdKernel::kMma:

@@ -1,22 +1,27 @@
 // Hopper backward (sm90a, warpgroup MMA): FlashAttention-2's fused backward on wgmma. One CTA of
-// two warpgroups per (128 keys, KV head, batch), each warpgroup owning 64 keys; K and V stay in
-// shared memory while the CTA walks the packed query rows that see its keys, BM per step (64 at
-// head dim 128, 128 at 64), through a ring of Q / dO / lse / Di buffers filled with cp.async. Per
-// step and warpgroup:
+// two warpgroups per (key block, KV head, batch); K and V stay in shared memory while the CTA walks
+// the packed query rows that see its keys, BM per step, through a ring of Q / dO / lse / Di buffers
+// filled with cp.async. The warpgroups share the dK / dV accumulators (KvSplit) by keys at head
+// dims 64 and 128 (128 keys per CTA, 64 per warpgroup) and by head-dim columns at 256 (64 keys per
+// CTA, 128 columns per warpgroup: 64 keys x 256 columns of both would not fit one warpgroup's
+// registers). Per step and warpgroup:
 //   S^T = K Q^T, dP^T = V dO^T       wgmma, both operands from shared memory (K-major), two
 //                                    groups: P^T's exponentials run while dP^T is in flight
+//                                    (at head dim 256, half the step's query rows each)
 //   P^T = 2^(S^T scale log2e - lse log2e), dS^T = P^T (dP^T - Di) scale   in registers
 //   P^T, dS^T -> shared memory       (so that no A operand holds registers while products run)
-//   dQ  = dS K                       wgmma, dS^T and K MN-major, one 64 x 64 block per warpgroup
-//                                    (DqSplit), through shared memory into the float32 workspace
-//                                    (DqBlocked) by one bulk reduction per warp while dV / dK run;
-//                                    dq_convert_blocked_kernel then writes dq
+//   dQ  = dS K                       wgmma, dS^T and K MN-major, one block per warpgroup (DqSplit)
+//                                    into the float32 workspace (DqBlocked) while dV / dK run:
+//                                    64 x 64 through shared memory and one bulk reduction per
+//                                    warp, or (head dim 256, no shared memory left for it)
+//                                    64 x 128 by 8-byte atomics; dq_convert_blocked_kernel then
+//                                    writes dq
 //   dV += P^T dO, dK += dS^T Q       wgmma, P^T / dS^T K-major, dO / Q MN-major
 //
-// Calls it takes (hopper_bwd_supported, flash_bwd.cu): head dims 33..128 (run at 64 or 128, the
-// columns past head_dim zero), not deterministic, no dropout, softcap or ALiBi, softmax_scale > 0;
-// causal, window, GQA/MQA, varlen, seqused/leftpad and sinks (dsinks comes from dsinks_kernel) are
-// covered. Everything else runs on the sm80-class kernels (flash_bwd_mma.cuh).
+// Calls it takes (hopper_bwd_supported, flash_bwd.cu): head dims 33..256 (run at 64, 128 or 256,
+// the columns past head_dim zero), not deterministic, no dropout, softcap or ALiBi, softmax_scale
+// > 0; causal, window, GQA/MQA, varlen, seqused/leftpad and sinks (dsinks comes from dsinks_kernel)
+// are covered. Everything else runs on the sm80-class kernels (flash_bwd_mma.cuh).
 #pragma once
 
 #include "cuda/flash_bwd_mma.cuh"
@@ -26,26 +31,39 @@ namespace flash {
 namespace cuda {
 namespace detail {
 
-// How the warpgroups share dQ = dS K of a step, each computing a 64 x 64 block over every key of
-// the CTA: kCols, warpgroup w takes columns 64w.. (D = 64 x warpgroups, BM = 64); kRows, query rows
-// 64w.. (D = 64, BM = 64 x warpgroups). (Each warpgroup taking all of dQ over its own keys, with
-// twice the atomics, measured 5-8% slower at D = 64.)
+// How the warpgroups share dK / dV: kKeys, warpgroup w owns keys 64w.. over all D columns; kCols,
+// every key of the CTA (64) over columns (D / warpgroups) w.., each warpgroup then computing S^T
+// and dP^T for its share of the step's query rows.
+enum class KvSplit { kKeys, kCols };
+// How they share dQ = dS K of a step, each computing a 64-row block over every key of the CTA:
+// kCols, warpgroup w takes columns (D / warpgroups) w.. (BM = 64); kRows, query rows 64w.. (D = 64,
+// BM = 64 x warpgroups). (Each warpgroup taking all of dQ over its own keys, with twice the
+// atomics, measured 5-8% slower at D = 64.)
 enum class DqSplit { kCols, kRows };
 
 template <int D, int BM_ = (D == 64 ? 128 : 64), int kWarpgroups_ = 2>
 struct BwdWgmmaConfig {
   static constexpr int kWarpgroups = kWarpgroups_;
   static constexpr int kThreads = 128 * kWarpgroups;
-  static constexpr int kBlockN = 64 * kWarpgroups;  // keys per CTA, 64 per warpgroup
-  static constexpr int kBlockM = BM_;               // packed query rows per step
-  static constexpr DqSplit kDqSplit = D == 64 * kWarpgroups ? DqSplit::kCols : DqSplit::kRows;
-  static_assert(kDqSplit == DqSplit::kCols ? BM_ == 64 : D == 64 && BM_ == 64 * kWarpgroups,
-                "dQ splits into one 64 x 64 block per warpgroup");
+  static constexpr KvSplit kKvSplit = D > 128 ? KvSplit::kCols : KvSplit::kKeys;
+  static constexpr bool kSplitKeys = kKvSplit == KvSplit::kKeys;
+  static constexpr int kBlockN = kSplitKeys ? 64 * kWarpgroups : 64;  // keys per CTA
+  static constexpr int kBlockM = BM_;                                 // packed query rows per step
+  static constexpr int kKvCols = kSplitKeys ? D : D / kWarpgroups;    // dK / dV columns per warpgroup
+  static constexpr int kSRows = kSplitKeys ? BM_ : BM_ / kWarpgroups;  // query rows of S^T / dP^T per warpgroup
+  static constexpr DqSplit kDqSplit = D == 64 ? DqSplit::kRows : DqSplit::kCols;
+  static constexpr int kDqCols = kDqSplit == DqSplit::kCols ? D / kWarpgroups : D;
+  static_assert(kDqSplit == DqSplit::kCols ? BM_ == 64 && kDqCols % 64 == 0 : BM_ == 64 * kWarpgroups,
+                "dQ splits into one 64-row block of whole 64-column blocks per warpgroup");
+  static_assert(kKvCols % 64 == 0 && kSRows % 16 == 0, "warpgroup shares of whole wgmma tiles");
+  // dQ reaches the workspace through shared memory and bulk reductions where a 64 x 64 block per
+  // warpgroup fits beside the tiles, else by atomics from registers.
+  static constexpr bool kDqAtomics = kDqCols > 64;
   static constexpr uint32_t kKVBytes = kBlockN * D * 2;            // the K or the V tile
   static constexpr uint32_t kQBytes = kBlockM * D * 2;             // one Q or dO tile
   static constexpr uint32_t kDsBytes = kBlockN * kBlockM * 2;      // P^T or dS^T, rows = keys
   static constexpr uint32_t kStageBytes = 2 * kQBytes + 2 * kBlockM * 4;  // Q, dO, lse, Di
-  static constexpr uint32_t kDqBytes = kWarpgroups * 64 * 64 * 4;  // each warpgroup's float32 dQ block
+  static constexpr uint32_t kDqBytes = kDqAtomics ? 0 : kWarpgroups * 64 * 64 * 4;  // float32 dQ blocks
   // Three steps in flight where they fit an sm90 SM's 227 KB, else two; + 1 KB to align the tiles.
   static constexpr size_t kSmemLimit = 227 * 1024;
   static constexpr size_t kFixedBytes = 2 * kKVBytes + 2 * kDsBytes + kDqBytes + 1024;
@@ -94,8 +112,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
   constexpr int BN = Cfg::kBlockN;
   constexpr int BM = Cfg::kBlockM;
   constexpr int kStages = Cfg::kStages;
-  constexpr int kMT = BM / 8;  // 8-row column tiles of S^T
-  constexpr int kDT = D / 8;   // 8-column tiles of dK / dV
+  constexpr int kSRows = Cfg::kSRows;
+  constexpr int kKvCols = Cfg::kKvCols;
+  constexpr int kDqCols = Cfg::kDqCols;
+  constexpr int kMT = kSRows / 8;   // 8-row column tiles of this warpgroup's S^T
+  constexpr int kDT = kKvCols / 8;  // 8-column tiles of its dK / dV
   extern __shared__ __align__(16) uint8_t wgmma_smem[];
   const uint32_t smem0 = smem_addr(wgmma_smem);
   const uint32_t sK = (smem0 + 1023u) & ~1023u;
@@ -132,7 +153,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
   const int g = lane >> 2;
   const int tq = lane & 3;
   const int wg = warp / 4;
-  const int key_row = wg * 64 + (warp % 4) * 16 + g;  // this thread's accumulator rows: key_row + 8e
+  // This warpgroup's share (KvSplit): keys wg_key0.., S^T / dP^T query rows s_row0.. of the step,
+  // dK / dV columns kv_col0...
+  const int wg_key0 = Cfg::kSplitKeys ? wg * 64 : 0;
+  const int s_row0 = Cfg::kSplitKeys ? 0 : wg * kSRows;
+  const int kv_col0 = Cfg::kSplitKeys ? 0 : wg * kKvCols;
+  const int key_row = wg_key0 + (warp % 4) * 16 + g;  // this thread's accumulator rows: key_row + 8e
 
   const T* q = static_cast<const T*>(p.q);
   const T* dout = static_cast<const T*>(p.dout);
@@ -196,20 +222,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
     }
   }
 
-  float dv[D / 2], dk[D / 2];  // this warpgroup's 64 keys x D: [4t + c] (wgmma_ops.cuh)
+  float dv[kKvCols / 2], dk[kKvCols / 2];  // this warpgroup's 64 keys x kKvCols: [4t + c] (wgmma_ops.cuh)
 #pragma unroll
-  for (int i = 0; i < D / 2; ++i) dv[i] = dk[i] = 0.f;
+  for (int i = 0; i < kKvCols / 2; ++i) dv[i] = dk[i] = 0.f;
   const float scale = p.softmax_scale;
   const float scale_log2 = scale * kLog2e;
-  const uint32_t sK_wg = sK + wg * 64 * 128;  // this warpgroup's 64 rows in every column block
-  const uint32_t sV_wg = sV + wg * 64 * 128;
+  const uint32_t sK_wg = sK + wg_key0 * 128;  // this warpgroup's key rows in every column block
+  const uint32_t sV_wg = sV + wg_key0 * 128;
   // This warpgroup's dQ block: query rows dq_row0.., head-dim columns dq_col0.. of the step.
   constexpr DqSplit kSplit = Cfg::kDqSplit;
   const int dq_row0 = kSplit == DqSplit::kRows ? wg * 64 : 0;
-  const int dq_col0 = kSplit == DqSplit::kCols ? wg * 64 : 0;
-  // This warp's 16 rows of it in shared memory, and where they go for step 0 (+ 64 r0 floats per step).
+  const int dq_col0 = kSplit == DqSplit::kCols ? wg * kDqCols : 0;
+  // This warp's 16 rows of it in shared memory, and where they go for step 0 (+ 64 r0 floats per
+  // step; with atomics, this thread's row (warp % 4) * 16 + g).
   const uint32_t sDq_warp = sDq + (wg * 64 + (warp % 4) * 16) * 256;
-  float* const dq_dst = dq_accum(p) + DqBlocked(p, group).offset(hk, dq_col0 / 64, b, si, dq_row0 + (warp % 4) * 16);
+  const DqBlocked dq_layout(p, group);
+  float* const dq_dst = dq_accum(p) + dq_layout.offset(hk, dq_col0 / 64, b, si,
+                                                       dq_row0 + (warp % 4) * 16 + (Cfg::kDqAtomics ? g : 0));
 
   for (int mb = m_begin; mb < m_end; ++mb) {
     const int st = (mb - m_begin) % kStages;
@@ -220,11 +249,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
     __syncthreads();  // step mb landed; every thread is done with step mb - 1 and its buffers
 
     // S^T = K Q^T, then dP^T = V dO^T in a group of its own: P's exponentials run while it is in flight.
-    float s[BM / 2], dp[BM / 2];
+    float s[kSRows / 2], dp[kSRows / 2];
     wgmma_fence();
-    wgmma_ss_k_major<T, BM, D>(s, sK_wg, BN, cQ, BM);
+    wgmma_ss_k_major<T, kSRows, D>(s, sK_wg, BN, cQ + s_row0 * 128, BM);
     wgmma_commit();
-    wgmma_ss_k_major<T, BM, D>(dp, sV_wg, BN, cdO, BM);
+    wgmma_ss_k_major<T, kSRows, D>(dp, sV_wg, BN, cdO + s_row0 * 128, BM);
     wgmma_commit();
     // The copies' address math runs while the tensor cores work: step mb + kStages - 1 into the
     // buffers of step mb - 1.
@@ -246,7 +275,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
 #pragma unroll
         for (int c1 = 0; c1 < 2; ++c1) {
           // Keys j_lo .. j_hi of packed row r (visible(): bottom-right aligned window, j < sk).
-          const int r = r0 + t * 8 + tq * 2 + c1;
+          const int r = r0 + s_row0 + t * 8 + tq * 2 + c1;
           const int diag = gs.row(r) + offset;
           const int j_lo = r >= rows ? si.sk : (sa.window_left >= 0 ? diag - sa.window_left : 0);
           const int j_hi = sa.window_right >= 0 ? min(si.sk - 1, diag + sa.window_right) : si.sk - 1;
@@ -258,8 +287,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
         }
       }
     }
-    const float* lse_row = rows_f + st * BM;
-    const float* di_row = rows_f + (kStages + st) * BM;
+    const float* lse_row = rows_f + st * BM + s_row0;
+    const float* di_row = rows_f + (kStages + st) * BM + s_row0;
 #pragma unroll
     for (int t = 0; t < kMT; ++t) {
       const float2 lse = *reinterpret_cast<const float2*>(lse_row + t * 8 + tq * 2);
@@ -269,14 +298,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
     }
     // P^T and dS^T go to shared memory in 16 bits (row = key, 64 query rows per 128-byte row block,
     // swizzled), grouped as the 16-row A fragments of mma.sync: the accumulators of column tiles 2kk,
-    // 2kk+1 hold query rows 16kk..16kk+15, so word c of fragment kk holds key row key_row + 8 (c & 1),
-    // query rows 16kk + 8 (c >> 1) + 2tq, +1.
+    // 2kk+1 hold query rows s_row0 + 16kk.. + 15, so word c of fragment kk holds key row key_row +
+    // 8 (c & 1), query rows s_row0 + 16kk + 8 (c >> 1) + 2tq, +1.
     auto store_transposed = [&](uint32_t tile, const float* x) {
 #pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
+      for (int kk = 0; kk < kSRows / 16; ++kk) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          st_shared_u32(tile + sw128_offset(key_row + 8 * (c & 1), 2 * kk + (c >> 1), BN) + 4 * tq,
+          st_shared_u32(tile + sw128_offset(key_row + 8 * (c & 1), s_row0 / 8 + 2 * kk + (c >> 1), BN) + 4 * tq,
                         pack2<T>(x[8 * kk + 2 * c], x[8 * kk + 2 * c + 1]));
         }
       }
@@ -296,62 +325,82 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
     fence_proxy_async();
     __syncthreads();  // P^T and dS^T of every warpgroup written
 
-    // dQ (64 x 64 block) = dS K: A = dS^T (MN-major: column block = 64 query rows), B = K
+    // dQ (64 x kDqCols block) = dS K: A = dS^T (MN-major: column block = 64 query rows), B = K
     // (MN-major: column block = 64 head-dim columns); K-step kk covers keys key0 .. key0 + 15.
-    float dq[32];
+    float dq[kDqCols / 2];
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       const uint32_t key0 = kk * 16;
-      Wgmma<T, 64>::template ss<1, 1>(dq, sw128_desc(sdS + (dq_row0 / 64) * BN * 128 + key0 * 128, BN * 128),
-                                      sw128_desc(sK + (dq_col0 / 64) * BN * 128 + key0 * 128, BN * 128), kk > 0);
+      Wgmma<T, kDqCols>::template ss<1, 1>(dq, sw128_desc(sdS + (dq_row0 / 64) * BN * 128 + key0 * 128, BN * 128),
+                                           sw128_desc(sK + (dq_col0 / 64) * BN * 128 + key0 * 128, BN * 128), kk > 0);
     }
     wgmma_commit();
     // dV += P^T dO and dK += dS^T Q, queued behind dQ so that they run while its rows are handed on.
     // K-step kk: A (this warpgroup's 64 key rows) 32 bytes into the rows of column block kk / 4; B
-    // 16 rows (2048 bytes) into the tiles, whose column blocks are BM rows apart.
+    // (from column block kv_col0 / 64 on) 16 rows (2048 bytes) into the tiles, whose column blocks
+    // are BM rows apart.
     pin_registers(dv);
     pin_registers(dk);
     wgmma_fence();
+    const uint32_t b_col = (kv_col0 / 64) * BM * 128;
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) {
-      const uint32_t a = (kk / 4) * BN * 128 + wg * 64 * 128 + (kk % 4) * 32;
-      Wgmma<T, D>::template ss<0, 1>(dv, sw128_desc(sP + a, 16), sw128_desc(cdO + kk * 16 * 128, BM * 128), 1);
+      const uint32_t a = (kk / 4) * BN * 128 + wg_key0 * 128 + (kk % 4) * 32;
+      Wgmma<T, kKvCols>::template ss<0, 1>(dv, sw128_desc(sP + a, 16), sw128_desc(cdO + b_col + kk * 16 * 128, BM * 128), 1);
     }
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) {
-      const uint32_t a = (kk / 4) * BN * 128 + wg * 64 * 128 + (kk % 4) * 32;
-      Wgmma<T, D>::template ss<0, 1>(dk, sw128_desc(sdS + a, 16), sw128_desc(cQ + kk * 16 * 128, BM * 128), 1);
+      const uint32_t a = (kk / 4) * BN * 128 + wg_key0 * 128 + (kk % 4) * 32;
+      Wgmma<T, kKvCols>::template ss<0, 1>(dk, sw128_desc(sdS + a, 16), sw128_desc(cQ + b_col + kk * 16 * 128, BM * 128), 1);
     }
     wgmma_commit();
     wgmma_wait<1>();  // dQ done
     pin_registers(dq);
-    // dQ into the float32 accumulator: each warp's 16 rows to shared memory in the accumulator's
-    // layout (DqBlocked: dq[4t + c] is row (warp % 4) * 16 + g + 8 (c >> 1), column 8t + 2tq + (c & 1),
-    // and g is the row's swizzle key), then one bulk reduction of the warp's valid rows from lane 0,
-    // which first waits until the previous step's reduction has read them.
-    if (lane == 0) bulk_wait_read<0>();
-    __syncwarp();
-#pragma unroll
-    for (int t = 0; t < 8; ++t) {
+    // dQ into the float32 accumulator (DqBlocked: dq[4t + c] is row dq_row0 + (warp % 4) * 16 + g +
+    // 8 (c >> 1), column dq_col0 + 8t + 2tq + (c & 1); g is the row's swizzle key).
+    if constexpr (Cfg::kDqAtomics) {
+      // Two adjacent columns per atomic, in the column blocks the accumulator has (head_dim rounded
+      // up to 64), for the rows before the end.
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int chunk = (2 * t + (tq >> 1)) ^ g;
-        st_shared_f32x2(sDq_warp + (g + 8 * e) * 256 + chunk * 16 + (tq & 1) * 8, dq[4 * t + 2 * e], dq[4 * t + 2 * e + 1]);
+        if (r0 + dq_row0 + (warp % 4) * 16 + g + 8 * e >= rows) continue;
+        float* const row_dst = dq_dst + (static_cast<int64_t>(r0) + 8 * e) * 64 + 2 * (tq & 1);
+#pragma unroll
+        for (int t = 0; t < kDqCols / 8; ++t) {
+          if (dq_col0 / 64 + t / 8 >= dq_layout.col_blocks) break;
+          const int chunk = (2 * (t % 8) + (tq >> 1)) ^ g;
+          atomicAdd(reinterpret_cast<float2*>(row_dst + (t / 8) * dq_layout.packed_rows * 64 + chunk * 4),
+                    make_float2(dq[4 * t + 2 * e], dq[4 * t + 2 * e + 1]));
+        }
       }
-    }
-    fence_proxy_async();
-    __syncwarp();  // the warp's rows written
-    if (lane == 0) {
-      const int valid = min(16, rows - (r0 + dq_row0 + (warp % 4) * 16));
-      if (valid > 0) bulk_reduce_add_f32(dq_dst + static_cast<int64_t>(r0) * 64, sDq_warp, valid * 256);
-      bulk_commit();
+    } else {
+      // Each warp's 16 rows to shared memory in the accumulator's layout, then one bulk reduction
+      // of the warp's valid rows from lane 0, which first waits until the previous step's
+      // reduction has read them.
+      if (lane == 0) bulk_wait_read<0>();
+      __syncwarp();
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int chunk = (2 * t + (tq >> 1)) ^ g;
+          st_shared_f32x2(sDq_warp + (g + 8 * e) * 256 + chunk * 16 + (tq & 1) * 8, dq[4 * t + 2 * e], dq[4 * t + 2 * e + 1]);
+        }
+      }
+      fence_proxy_async();
+      __syncwarp();  // the warp's rows written
+      if (lane == 0) {
+        const int valid = min(16, rows - (r0 + dq_row0 + (warp % 4) * 16));
+        if (valid > 0) bulk_reduce_add_f32(dq_dst + static_cast<int64_t>(r0) * 64, sDq_warp, valid * 256);
+        bulk_commit();
+      }
     }
     wgmma_wait<0>();  // dV, dK done: P^T, dS^T and the step's buffers are free
     pin_registers(dv);
     pin_registers(dk);
   }
-  if (lane == 0) bulk_wait<0>();  // shared memory stays until the last reduction has read it
+  if (!Cfg::kDqAtomics && lane == 0) bulk_wait<0>();  // shared memory stays until the last reduction has read it
   cp_async_wait_all();
 
 #pragma unroll
@@ -362,7 +411,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
     T* dvp = static_cast<T*>(p.dv) + kv_offset(p, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, si, b, j, hk);
 #pragma unroll
     for (int t = 0; t < kDT; ++t) {
-      const int d = t * 8 + tq * 2;
+      const int d = kv_col0 + t * 8 + tq * 2;
       if (d < p.head_dim) {
         *reinterpret_cast<uint32_t*>(dkp + d) = pack2<T>(dk[4 * t + 2 * e], dk[4 * t + 2 * e + 1]);
         *reinterpret_cast<uint32_t*>(dvp + d) = pack2<T>(dv[4 * t + 2 * e], dv[4 * t + 2 * e + 1]);

@@ -7,9 +7,10 @@ from pathlib import Path
 
 # (N of m64nNk16) for the products the kernels issue. Forward: S = Q K^T over a key tile (ss,
 # N = keys), O += P V over the head dim (rs, N = head-dim bucket). Backward: S^T = K Q^T and
-# dP^T = V dO^T over a query tile (ss, N = 64 / 128), dV += P^T dO and dK += dS^T Q (ss with B
-# MN-major, N = head dim), dQ = dS K (ss with A and B MN-major, N = 64).
-SS_N = (64, 128)
+# dP^T = V dO^T over a query tile (ss, N = 32 / 64 / 128: 32 at head dim 256, where each warpgroup
+# takes half the tile's query rows), dV += P^T dO and dK += dS^T Q (ss with B MN-major, N = the
+# warpgroup's head-dim columns), dQ = dS K (ss with A and B MN-major, N = 64 / 128).
+SS_N = (32, 64, 128)
 RS_N = (64, 128, 192, 256)
 TYPES = {"__nv_bfloat16": "bf16", "__half": "f16"}
 # FP8 forward (m64nNk32, both operands K-major: 8-bit wgmma has no transposed form): S = Q K^T over

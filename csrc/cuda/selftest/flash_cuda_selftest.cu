@@ -574,6 +574,18 @@ int main() {
   { Case c = make("wgmma bwd leftpad+seqused d=64", 2, 100, 300, 2, 2, 64); c.leftpad = {7, 0}; c.seqused = {300, 201}; c.causal = true; cases.push_back(c); }
   // Head dims between the Hopper tile widths run at the next multiple of 64, columns zero-padded.
   { Case c = make("wgmma bwd padded d=96 gqa 4/2 causal", 2, 130, 200, 4, 2, 96); c.causal = true; cases.push_back(c); }
+  // Head dim 256 (and 129..256 padded to it): the warpgroups split dK / dV by columns, dQ by atomics.
+  { Case c = make("wgmma bwd d=256 gqa 4/2 causal", 1, 150, 230, 4, 2, 256); c.causal = true; cases.push_back(c); }
+  { Case c = make("wgmma bwd padded d=136 mqa 3/1 window(50,10)", 2, 90, 170, 3, 1, 136); c.wl = 50; c.wr = 10; cases.push_back(c); }
+  { Case c = make("wgmma bwd leftpad+seqused sinks d=192", 2, 100, 200, 2, 2, 192); c.leftpad = {7, 0}; c.seqused = {200, 131}; c.sinks = true; c.causal = true; cases.push_back(c); }
+  {
+    Case c = make("wgmma bwd varlen d=256", 3, 1, 1, 2, 1, 256);
+    c.varlen = true;
+    c.sq = {0, 70, 129};
+    c.sk = {5, 64, 150};
+    c.causal = true;
+    cases.push_back(c);
+  }
   { Case c = make("wgmma padded d=160 window(60,5)", 1, 150, 190, 2, 2, 160); c.wl = 60; c.wr = 5; cases.push_back(c); }
   {
     Case c = make("varlen", 4, 1, 1, 4, 2, 64);

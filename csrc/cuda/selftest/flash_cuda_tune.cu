@@ -204,6 +204,7 @@ int main() {
   const BwdCandidate bwd_candidates[] = {
       {"wgmma bm128 rows", 64, launch_bwd_wgmma_config<T, 64, BwdWgmmaConfig<64, 128>>},
       {"wgmma bm64 cols", 128, launch_bwd_wgmma_config<T, 128, BwdWgmmaConfig<128, 64>>},
+      {"wgmma bm64 kv-cols", 256, launch_bwd_wgmma_config<T, 256, BwdWgmmaConfig<256, 64>>},
   };
   const int tokens = 16384, hidden = 2048;
   std::mt19937 rng(0);
@@ -293,7 +294,7 @@ int main() {
   // (4) Candidate Hopper backward shapes against run_bwd's gradients (which also leaves Di in the
   // workspace for the candidates, launched without it).
   std::printf("%-22s %4s %6s %6s %9s %9s %10s\n", "bwd config", "d", "seqlen", "causal", "ms", "TFLOP/s", "rel diff");
-  for (int d : {64, 128}) {
+  for (int d : {64, 128, 256}) {
     if (!section("bwd")) break;
     for (int seqlen : {2048, 16384}) {
       for (bool causal : {false, true}) {
