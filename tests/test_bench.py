@@ -284,11 +284,11 @@ def test_ncu_summary_ranks_stall_reasons_and_instructions(tmp_path: Path) -> Non
         ncu_summary.summarize(str(bare), top=1)
 
 
-def test_decode_host_time_parses_its_arguments() -> None:
-    """benchmarks/decode_host_time.py (a device tool) imports and documents its options without a GPU."""
+def test_call_time_parses_its_arguments() -> None:
+    """benchmarks/call_time.py (a device tool) imports and documents its options without a GPU."""
     import subprocess
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_host_time.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "call_time.py"
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
-    assert "Where a decode call's time goes" in done.stdout and "--page" in done.stdout
+    assert "Where a call's time goes" in done.stdout and "--op" in done.stdout
