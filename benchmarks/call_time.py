@@ -1,9 +1,10 @@
 """Where a call's time goes, ours against SDPA's backends, on the bench's shapes.
 
 For each implementation and point: the host time of one call (from the call to its return, after a
-synchronization), the time the bench records (CUDA events around one call after a
-synchronization, so a call whose host work outlasts an idle GPU pays it), the same behind a sleep
-kernel (host work hidden), and the device time of its kernels (torch.profiler, back to back). Needs a CUDA build in build/ (`flash-attn-kernel build`).
+synchronization), the time the bench records (CUDA events around one call after a synchronization,
+so a call pays the host work before its first launch on an idle GPU), the same behind a sleep kernel
+(host work hidden), and the device time of its kernels (torch.profiler, back to back). Needs a CUDA
+build in build/ (`flash-attn-kernel build`).
   usage: python3 benchmarks/call_time.py --op decode
          python3 benchmarks/call_time.py --op fwd --hdim 128 --seqlens 2048,16384 --causal
 """
