@@ -387,7 +387,7 @@ void launch_bwd(const BwdArgs& args, cudaStream_t stream) {
     check_launch("dsinks_kernel launch");
   }
   switch (choose_bwd_kernel(p)) {
-    case BwdKernel::kWgmma:  // head dims 33..256 (hopper_bwd_supported), 129..192 at 256 too
+    case BwdKernel::kWgmma:  // head dims 33..256 (hopper_bwd_supported), at the next tile width
       if (p.head_dim <= 64) {
         launch_bwd_wgmma<T, 64>(args, stream);
       } else if (p.head_dim <= 128) {
