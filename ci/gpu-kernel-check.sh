@@ -6,8 +6,8 @@
 #          SANITIZE_ONLY=<text>[|<text>] (the sanitizers run only the self-test cases whose name
 #          contains one of the texts),
 #          SELFTEST_TIMEOUT_S (default 180; the self-test takes ~25 s), SANITIZE_TIMEOUT_S (default
-#          240 per tool): a kernel that hangs ends its run with a "timed out" line naming the last case
-#          started instead of taking the whole device call.
+#          240 per tool), TUNE_TIMEOUT_S (default 400): a kernel that hangs ends its run with a "timed
+#          out" line (naming the last self-test case started) instead of taking the whole device call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/_gpu-out}
@@ -47,7 +47,8 @@ if [ "$selftest_rc" = 124 ]; then
   echo "self-test timed out after ${SELFTEST_TIMEOUT_S:-180} s in: $(last_case "$OUT/selftest.log")" | tee -a "$OUT/kernel-check.log"
 fi
 if [ "${SKIP_TUNE:-0}" != 1 ]; then
-  "$BUILD/flash_tune" 2>&1 | tee "$OUT/tune.log"
+  timeout "${TUNE_TIMEOUT_S:-400}" "$BUILD/flash_tune" 2>&1 | tee "$OUT/tune.log"
+  [ "${PIPESTATUS[0]}" = 124 ] && echo "tune timed out after ${TUNE_TIMEOUT_S:-400} s" | tee -a "$OUT/kernel-check.log"
 fi
 if [ "${SANITIZE:-0}" = 1 ]; then
   for tool in memcheck racecheck synccheck; do

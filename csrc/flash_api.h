@@ -34,8 +34,8 @@ size_t fwd_workspace_bytes(const FlashFwdParams& params);
 // FP8 calls (dtype kFloat8E4M3): bytes of FlashFwdParams::fp8_scratch run_fwd needs (any
 // contents); 0 for other dtypes.
 size_t fwd_fp8_scratch_bytes(const FlashFwdParams& params);
-// Which forward kernel run_fwd picks for params on the current device: "wgmma" (Hopper), "mma"
-// (sm80-class tensor cores) or "simt".
+// Which forward kernel run_fwd picks for params on the current device: "wgmma" (Hopper), "decode"
+// (Hopper, at most 16 packed rows), "mma" (sm80-class tensor cores) or "simt".
 const char* fwd_kernel_name(const FlashFwdParams& params);
 // Which backward kernels run_bwd picks for params on the current device: "wgmma" (Hopper), "mma"
 // (sm80-class tensor cores, fused or deterministic) or "simt".

@@ -5,8 +5,9 @@
 // heads that share it (decode with GQA fills a whole tile from one query row).
 //
 // Kernels with the same contract: fwd_mma_kernel (tensor cores, flash_fwd_mma.cuh) runs by
-// default; on sm90 fwd_wgmma_kernel (hopper/flash_fwd_wgmma.cuh) runs ahead of it for the calls it
-// takes (choose_fwd_kernel); fwd_kernel (SIMT, fp32 math, the straightforward reference) runs
+// default; on sm90 fwd_wgmma_kernel (hopper/flash_fwd_wgmma.cuh) and, for decode-like calls,
+// fwd_decode_tma_kernel (hopper/flash_decode_tma.cuh) run ahead of it for the calls they take
+// (choose_fwd_kernel); fwd_kernel (SIMT, fp32 math, the straightforward reference) runs
 // when the environment sets FLASH_ATTN_CUDA_SIMT=1. The mma and SIMT kernels cover every feature of
 // FlashFwdParams. Split-KV: with num_splits > 1 each split handles a contiguous share of the CTA's
 // key blocks and writes its normalized partial output and log-sum-exp (without the sink) to
@@ -14,6 +15,7 @@
 // softmax_lse.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "flash_common.cuh"
 #include "flash_api.h"
@@ -32,6 +34,12 @@ template <typename T, int D>
 void launch_fwd_wgmma(const FwdArgs& args, cudaStream_t stream);
 template <typename T, int D>
 FwdOccupancy fwd_wgmma_occupancy(const FwdArgs& args);
+// The Hopper decode (hopper/flash_decode_tma.cuh), tile widths 128, 192, 256; false (nothing
+// launched) where the driver gives no TMA tensor maps for the call.
+template <typename T, int D>
+bool launch_fwd_decode_tma(const FwdArgs& args, cudaStream_t stream);
+template <typename T, int D>
+FwdOccupancy fwd_decode_tma_occupancy(const FwdArgs& args);
 
 // 1 in the sm_90a code of this library, 0 in every other target's: tells whether the current
 // device runs the wgmma kernels (an sm90 device could be running code built for sm80).
@@ -74,11 +82,37 @@ bool hopper_fwd_supported(const FlashFwdParams& p) {
          p.dropout_p == 0.f && p.softmax_scale > 0.f;
 }
 
+// Whether a forward call runs on the Hopper decode kernel: the Hopper kernels are enabled, 16-bit,
+// head dims above 64 (at 64 the key-warps kernel reads as fast: flash_cuda_tune's decode section),
+// at most 16 packed rows, none of softcap, ALiBi or dropout, K / V as TMA tensors (base pointers
+// and every stride multiples of 16 bytes), and paged KV only with pages of 16 keys or more that
+// divide or are divided by the 64-key tile, without leftpad_k (a box never crosses a page).
+bool hopper_decode_supported(const FlashFwdParams& p) {
+  if (!hopper_kernels_enabled() || p.dtype == DType::kFloat8E4M3 || p.head_dim <= 64) return false;
+  const int group = p.heads_q / p.heads_kv;
+  if (static_cast<int64_t>(p.seqlen_q) * group > 16 || p.softcap != 0.f || p.alibi_slopes != nullptr ||
+      p.dropout_p != 0.f || p.softmax_scale <= 0.f) {
+    return false;
+  }
+  if (p.block_table != nullptr &&
+      (p.page_size < 16 || (p.page_size % 64 != 0 && 64 % p.page_size != 0) || p.leftpad_k != nullptr)) {
+    return false;
+  }
+  auto aligned = [](const void* ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
+    constexpr int64_t kElems = 16 / 2;  // 16 bytes of 16-bit elements
+    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && batch_stride % kElems == 0 && row_stride % kElems == 0 &&
+           head_stride % kElems == 0;
+  };
+  return aligned(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
+         aligned(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+}
+
 // The forward kernel a call runs on (fwd_kernel_name reports it). FP8 calls have one, the Hopper
 // kernel (check_fp8_device).
-enum class FwdKernel { kWgmma, kMma, kSimt };
+enum class FwdKernel { kWgmma, kDecode, kMma, kSimt };
 FwdKernel choose_fwd_kernel(const FlashFwdParams& p) {
   if (p.dtype == DType::kFloat8E4M3 || hopper_fwd_supported(p)) return FwdKernel::kWgmma;
+  if (hopper_decode_supported(p)) return FwdKernel::kDecode;
   return env_flag("FLASH_ATTN_CUDA_SIMT") ? FwdKernel::kSimt : FwdKernel::kMma;
 }
 
@@ -335,6 +369,10 @@ int split_heuristic(const FlashFwdParams& p) {
       using T = decltype(t);
       if (kernel == FwdKernel::kWgmma) {
         dispatch_hopper_head_dim(p.head_dim, [&](auto d) { occ = fwd_wgmma_occupancy<T, decltype(d)::value>(args); });
+      } else if (kernel == FwdKernel::kDecode) {
+        dispatch_hopper_head_dim(p.head_dim, [&](auto d) {
+          if constexpr (decltype(d)::value > 64) occ = fwd_decode_tma_occupancy<T, decltype(d)::value>(args);
+        });
       } else {
         dispatch_head_dim(p.head_dim, [&](auto d) { occ = fwd_mma_occupancy<T, decltype(d)::value>(args); });
       }
@@ -377,6 +415,12 @@ void launch_fwd(const FwdArgs& args, cudaStream_t stream) {
   const FwdKernel kernel = choose_fwd_kernel(p);
   if (kernel == FwdKernel::kWgmma) {
     dispatch_hopper_head_dim(p.head_dim, [&](auto d) { launch_fwd_wgmma<T, decltype(d)::value>(args, stream); });
+  } else if (kernel == FwdKernel::kDecode) {
+    bool launched = false;
+    dispatch_hopper_head_dim(p.head_dim, [&](auto d) {
+      if constexpr (decltype(d)::value > 64) launched = launch_fwd_decode_tma<T, decltype(d)::value>(args, stream);
+    });
+    if (!launched) launch_fwd_mma<T, D>(args, stream);
   } else if (kernel == FwdKernel::kMma) {
     launch_fwd_mma<T, D>(args, stream);
   } else if (kernel == FwdKernel::kSimt) {
@@ -475,6 +519,7 @@ const char* fwd_kernel_name(const FlashFwdParams& params) {
   detail::validate_common(params, "fwd_kernel_name");
   switch (detail::choose_fwd_kernel(params)) {
     case detail::FwdKernel::kWgmma: return "wgmma";
+    case detail::FwdKernel::kDecode: return "decode";
     case detail::FwdKernel::kSimt: return "simt";
     default: return "mma";
   }

@@ -45,6 +45,173 @@ struct PackedRow {
   __device__ __forceinline__ PackedRow(int r, int hk, int group) : i(r / group), h(hk * group + r % group) {}
 };
 
+// One tile's online softmax on the S accumulators of kMT m-tiles x kNT 8-key column tiles (row
+// 2mt + e of the thread is C-fragment half e of m-tile mt; sc takes the scores to the log2 domain):
+// moves the running max m (log2 domain) and this thread's share of the row sums l, turns s into P
+// and leaves O's rescale per row in corr. Returns whether a row max of this thread moved: O and l
+// are rescaled only then (after the first tiles that is rare, and skipping a multiplication by 1
+// changes nothing). Row max and row sum as trees: a chain over the tile's columns was the kernel's
+// main stall (fixed-latency dependencies, Nsight Compute).
+template <int kMT, int kNT>
+__device__ __forceinline__ bool online_softmax(float (&s)[kMT][kNT][4], float (&m)[2 * kMT], float (&l)[2 * kMT],
+                                               float (&corr)[2 * kMT], float sc) {
+  static_assert((kNT & (kNT - 1)) == 0, "tree reductions over a power-of-two column count");
+  float m_use[2 * kMT];
+  bool moved = false;
+#pragma unroll
+  for (int e = 0; e < 2 * kMT; ++e) {
+    float part[kNT];
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) part[t] = fmaxf(s[e >> 1][t][2 * (e & 1)], s[e >> 1][t][2 * (e & 1) + 1]);
+#pragma unroll
+    for (int w = kNT / 2; w > 0; w /= 2) {
+#pragma unroll
+      for (int t = 0; t < w; ++t) part[t] = fmaxf(part[t], part[t + w]);
+    }
+    const float m_new = fmaxf(m[e], quad_max(part[0]) * sc);
+    m_use[e] = m_new == neg_inf() ? 0.f : m_new;  // no key seen yet: avoid inf - inf
+    corr[e] = m_new == m[e] ? 1.f : fast_exp2(m[e] - m_use[e]);
+    moved |= m_new != m[e];
+    m[e] = m_new;
+    l[e] *= corr[e];
+  }
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int t = 0; t < kNT; ++t)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[mt][t][c] = fast_exp2(fmaf(s[mt][t][c], sc, -m_use[2 * mt + (c >> 1)]));
+#pragma unroll
+  for (int e = 0; e < 2 * kMT; ++e) {
+    float part[kNT];
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) part[t] = s[e >> 1][t][2 * (e & 1)] + s[e >> 1][t][2 * (e & 1) + 1];
+#pragma unroll
+    for (int w = kNT / 2; w > 0; w /= 2) {
+#pragma unroll
+      for (int t = 0; t < w; ++t) part[t] += part[t + w];
+    }
+    l[e] += part[0];
+  }
+  return moved;
+}
+
+// The key-warps merge: kWarps warps hold partial (m, l, O) of the same 16 rows, each over its share
+// of the keys; warp 0 ends with the merged ones, the other warps get false and are done. `smem`
+// (free once every warp is done with the tiles) holds kWarps x 16 x (D + 10) floats; `sync` is a
+// barrier of the kWarps warps.
+template <int kWarps, int D, typename Sync>
+__device__ __forceinline__ bool merge_key_warps(float* smem, int warp, float (&m)[2], float (&l)[2],
+                                                float (&o)[D / 8][4], Sync sync) {
+  constexpr int kMP = D + 8;  // floats per row of a warp's partial O
+  const int g = (threadIdx.x % 32) >> 2;
+  const int tq = threadIdx.x & 3;
+  float* s_m = smem;                 // [kWarps][16]
+  float* s_l = s_m + kWarps * 16;    // [kWarps][16]
+  float* s_o = s_l + kWarps * 16;    // [kWarps][16][kMP]
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int row = warp * 16 + g + 8 * e;
+    if (tq == 0) {
+      s_m[row] = m[e];
+      s_l[row] = l[e];
+    }
+#pragma unroll
+    for (int t = 0; t < D / 8; ++t) {
+      *reinterpret_cast<float2*>(s_o + row * kMP + t * 8 + tq * 2) = make_float2(o[t][2 * e], o[t][2 * e + 1]);
+    }
+  }
+  sync();
+  if (warp != 0) return false;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int row = g + 8 * e;
+    float mx = neg_inf();
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, s_m[w * 16 + row]);
+    const float mx_use = mx == neg_inf() ? 0.f : mx;
+    float f[kWarps];
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      f[w] = fast_exp2(s_m[w * 16 + row] - mx_use);
+      total += s_l[w * 16 + row] * f[w];
+    }
+#pragma unroll
+    for (int t = 0; t < D / 8; ++t) {
+      float2 acc = make_float2(0.f, 0.f);
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float2 x = *reinterpret_cast<const float2*>(s_o + (w * 16 + row) * kMP + t * 8 + tq * 2);
+        acc.x = fmaf(x.x, f[w], acc.x);
+        acc.y = fmaf(x.y, f[w], acc.y);
+      }
+      o[t][2 * e] = acc.x;
+      o[t][2 * e + 1] = acc.y;
+    }
+    m[e] = mx;
+    l[e] = total;
+  }
+  return true;
+}
+
+// The forward's epilogue of one warp (m in the log2 domain, l the whole row sums): out and
+// softmax_lse with the sink, or with num_splits > 1 the split's normalized partial out_accum and its
+// lse_accum (without the sink). Row 2mt + e of the thread is C-fragment half e of m-tile mt,
+// packed row packed_row(2mt + e); rows at or past `rows` are skipped.
+template <typename T, int kMT, int kDT, typename RowOf>
+__device__ __forceinline__ void store_fwd_rows(const FwdArgs& args, const SeqInfo& si, int b, int hk, int split,
+                                               int rows, RowOf packed_row, const float (&m)[2 * kMT],
+                                               const float (&l)[2 * kMT], const float (&o)[kMT][kDT][4]) {
+  const FlashFwdParams& p = args.p;
+  const int tq = threadIdx.x & 3;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  // Back to natural units: max m2 (log2 domain) is m2 * ln2; lse = (m2 + log2(l)) * ln2.
+#pragma unroll
+  for (int e = 0; e < 2 * kMT; ++e) {
+    if (packed_row(e) >= rows) continue;
+    const PackedRow pr(packed_row(e), hk, args.s.group);
+    const int mt = e >> 1, hc = 2 * (e & 1);  // this row's C-fragment columns c = hc, hc + 1
+    if (args.num_splits > 1) {
+      const int64_t ar = ((static_cast<int64_t>(split) * p.batch + b) * p.heads_q + pr.h) * p.seqlen_q + pr.i;
+      const float inv = l[e] > 0.f ? 1.f / l[e] : 0.f;
+      float* oa = p.out_accum + ar * p.head_dim;
+#pragma unroll
+      for (int t = 0; t < kDT; ++t) {
+        const int d = t * 8 + tq * 2;
+        if (d < p.head_dim) *reinterpret_cast<float2*>(oa + d) = make_float2(o[mt][t][hc] * inv, o[mt][t][hc + 1] * inv);
+      }
+      if (tq == 0) p.lse_accum[ar] = l[e] > 0.f ? (m[e] + log2f(l[e])) * kLn2 : neg_inf();
+      continue;
+    }
+    // l == 0 exactly when the row saw no key (the max score contributes 2^0 = 1 otherwise).
+    float out_scale, lse;
+    if (l[e] == 0.f) {
+      out_scale = 0.f;
+      lse = pos_inf();
+    } else if (p.sinks != nullptr) {
+      const float sink2 = p.sinks[pr.h] * kLog2e;
+      const float mx = fmaxf(m[e], sink2);
+      const float total = l[e] * exp2f(m[e] - mx) + exp2f(sink2 - mx);
+      out_scale = exp2f(m[e] - mx) / total;
+      lse = (mx + log2f(total)) * kLn2;
+    } else {
+      out_scale = 1.f / l[e];
+      lse = (m[e] + log2f(l[e])) * kLn2;
+    }
+    T* out = static_cast<T*>(p.out) +
+             q_offset(varlen, p.o_batch_stride, p.o_row_stride, p.o_head_stride, si, b, pr.i, pr.h);
+#pragma unroll
+    for (int t = 0; t < kDT; ++t) {
+      const int d = t * 8 + tq * 2;
+      if (d < p.head_dim) {
+        *reinterpret_cast<uint32_t*>(out + d) = pack2<T>(o[mt][t][hc] * out_scale, o[mt][t][hc + 1] * out_scale);
+      }
+    }
+    if (tq == 0 && p.softmax_lse != nullptr) p.softmax_lse[lse_offset(p, si, b, pr.i, pr.h)] = lse;
+  }
+}
+
 template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain, bool kKeyWarps = false, int kStages = 2,
           int kMinCtas = 2>
 __global__ void __launch_bounds__(32 * kWarps, kMinCtas) fwd_mma_kernel(const FwdArgs args) {
@@ -205,48 +372,8 @@ __global__ void __launch_bounds__(32 * kWarps, kMinCtas) fwd_mma_kernel(const Fw
     }
     const float sc = kPlain ? scale_log2 : 1.f;  // what takes s to the log2 domain
 
-    // Online softmax per row. O and l are rescaled only when a row max of the warp moved: after
-    // the first tiles that is rare, and skipping a multiplication by 1 changes nothing.
-    // Row max and row sum as trees: a chain over the tile's columns was the kernel's main stall
-    // (fixed-latency dependencies, Nsight Compute).
-    static_assert((kNT & (kNT - 1)) == 0, "tree reductions over a power-of-two column count");
-    float corr[kRows], m_use[kRows];
-    bool moved = false;
-#pragma unroll
-    for (int e = 0; e < kRows; ++e) {
-      float part[kNT];
-#pragma unroll
-      for (int t = 0; t < kNT; ++t) part[t] = fmaxf(s[e >> 1][t][2 * (e & 1)], s[e >> 1][t][2 * (e & 1) + 1]);
-#pragma unroll
-      for (int w = kNT / 2; w > 0; w /= 2) {
-#pragma unroll
-        for (int t = 0; t < w; ++t) part[t] = fmaxf(part[t], part[t + w]);
-      }
-      const float m_new = fmaxf(m[e], quad_max(part[0]) * sc);
-      m_use[e] = m_new == neg_inf() ? 0.f : m_new;  // no key seen yet: avoid inf - inf
-      corr[e] = m_new == m[e] ? 1.f : fast_exp2(m[e] - m_use[e]);
-      moved |= m_new != m[e];
-      m[e] = m_new;
-      l[e] *= corr[e];
-    }
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-      for (int t = 0; t < kNT; ++t)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) s[mt][t][c] = fast_exp2(fmaf(s[mt][t][c], sc, -m_use[2 * mt + (c >> 1)]));
-#pragma unroll
-    for (int e = 0; e < kRows; ++e) {
-      float part[kNT];
-#pragma unroll
-      for (int t = 0; t < kNT; ++t) part[t] = s[e >> 1][t][2 * (e & 1)] + s[e >> 1][t][2 * (e & 1) + 1];
-#pragma unroll
-      for (int w = kNT / 2; w > 0; w /= 2) {
-#pragma unroll
-        for (int t = 0; t < w; ++t) part[t] += part[t + w];
-      }
-      l[e] += part[0];
-    }
+    float corr[kRows];
+    const bool moved = online_softmax<kMT, kNT>(s, m, l, corr, sc);
     if (!kPlain && sa.dropout) {
       // Keys j0 + 8t + 2tq + {0, 1} are words 2(tq & 1) + {0, 1} of Philox group (j0 + 8t + 2tq) / 4
       // (j0 is a multiple of 8); l keeps the undropped sum, as the contract's lse does.
@@ -305,101 +432,10 @@ __global__ void __launch_bounds__(32 * kWarps, kMinCtas) fwd_mma_kernel(const Fw
   for (int e = 0; e < kRows; ++e) l[e] = quad_sum(l[e]);
 
   if constexpr (kKeyWarps) {
-    // Merge the warps' partial (m, l, O) of the same 16 rows; warp 0 then writes the result.
-    constexpr int kMP = Cfg::kMergePitch;
-    float* s_m = reinterpret_cast<float*>(smem_raw);  // [kWarps][16]
-    float* s_l = s_m + kWarps * 16;                   // [kWarps][16]
-    float* s_o = s_l + kWarps * 16;                   // [kWarps][16][kMP]
     __syncthreads();  // every warp is done with the K/V tiles
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int row = warp * 16 + g + 8 * e;
-      if (tq == 0) {
-        s_m[row] = m[e];
-        s_l[row] = l[e];
-      }
-#pragma unroll
-      for (int t = 0; t < kDT; ++t) {
-        *reinterpret_cast<float2*>(s_o + row * kMP + t * 8 + tq * 2) = make_float2(o[0][t][2 * e], o[0][t][2 * e + 1]);
-      }
-    }
-    __syncthreads();
-    if (warp != 0) return;
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int row = g + 8 * e;
-      float mx = neg_inf();
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, s_m[w * 16 + row]);
-      const float mx_use = mx == neg_inf() ? 0.f : mx;
-      float f[kWarps];
-      float total = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        f[w] = fast_exp2(s_m[w * 16 + row] - mx_use);
-        total += s_l[w * 16 + row] * f[w];
-      }
-#pragma unroll
-      for (int t = 0; t < kDT; ++t) {
-        float2 acc = make_float2(0.f, 0.f);
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) {
-          const float2 x = *reinterpret_cast<const float2*>(s_o + (w * 16 + row) * kMP + t * 8 + tq * 2);
-          acc.x = fmaf(x.x, f[w], acc.x);
-          acc.y = fmaf(x.y, f[w], acc.y);
-        }
-        o[0][t][2 * e] = acc.x;
-        o[0][t][2 * e + 1] = acc.y;
-      }
-      m[e] = mx;
-      l[e] = total;
-    }
+    if (!merge_key_warps<kWarps, D>(reinterpret_cast<float*>(smem_raw), warp, m, l, o[0], [] { __syncthreads(); })) return;
   }
-
-  // Back to natural units: max m2 (log2 domain) is m2 * ln2; lse = (m2 + log2(l)) * ln2.
-#pragma unroll
-  for (int e = 0; e < kRows; ++e) {
-    if (packed_row(e) >= rows) continue;
-    const PackedRow pr(packed_row(e), hk, group);
-    const int mt = e >> 1, hc = 2 * (e & 1);  // this row's C-fragment columns c = hc, hc + 1
-    if (args.num_splits > 1) {
-      const int64_t ar = ((static_cast<int64_t>(split) * p.batch + b) * p.heads_q + pr.h) * p.seqlen_q + pr.i;
-      const float inv = l[e] > 0.f ? 1.f / l[e] : 0.f;
-      float* oa = p.out_accum + ar * p.head_dim;
-#pragma unroll
-      for (int t = 0; t < kDT; ++t) {
-        const int d = t * 8 + tq * 2;
-        if (d < p.head_dim) *reinterpret_cast<float2*>(oa + d) = make_float2(o[mt][t][hc] * inv, o[mt][t][hc + 1] * inv);
-      }
-      if (tq == 0) p.lse_accum[ar] = l[e] > 0.f ? (m[e] + log2f(l[e])) * kLn2 : neg_inf();
-      continue;
-    }
-    // l == 0 exactly when the row saw no key (the max score contributes 2^0 = 1 otherwise).
-    float out_scale, lse;
-    if (l[e] == 0.f) {
-      out_scale = 0.f;
-      lse = pos_inf();
-    } else if (p.sinks != nullptr) {
-      const float sink2 = p.sinks[pr.h] * kLog2e;
-      const float mx = fmaxf(m[e], sink2);
-      const float total = l[e] * exp2f(m[e] - mx) + exp2f(sink2 - mx);
-      out_scale = exp2f(m[e] - mx) / total;
-      lse = (mx + log2f(total)) * kLn2;
-    } else {
-      out_scale = 1.f / l[e];
-      lse = (m[e] + log2f(l[e])) * kLn2;
-    }
-    T* out = static_cast<T*>(p.out) +
-             q_offset(varlen, p.o_batch_stride, p.o_row_stride, p.o_head_stride, si, b, pr.i, pr.h);
-#pragma unroll
-    for (int t = 0; t < kDT; ++t) {
-      const int d = t * 8 + tq * 2;
-      if (d < p.head_dim) {
-        *reinterpret_cast<uint32_t*>(out + d) = pack2<T>(o[mt][t][hc] * out_scale, o[mt][t][hc + 1] * out_scale);
-      }
-    }
-    if (tq == 0 && p.softmax_lse != nullptr) p.softmax_lse[lse_offset(p, si, b, pr.i, pr.h)] = lse;
-  }
+  store_fwd_rows<T, kMT, kDT>(args, si, b, hk, split, rows, packed_row, m, l, o);
 }
 
 template <typename T, int D, int kWarps, int kMT, int BN, bool kPlain, bool kKeyWarps = false, int kStages = 2,

@@ -388,13 +388,13 @@ void run_case(const Case& c) {
 
   // FP8: P is rounded to e4m3 (3 mantissa bits) for the P V product.
   const double tol_out = fp8 ? 8e-2 : c.dtype == DType::kFloat16 ? 4e-3 : 2e-2;
-  // Forward modes: SIMT, the sm80-class tensor-core kernels, and the default (the Hopper kernel
-  // where it takes the call; skipped where the default is the sm80-class kernel again).
+  // Forward modes: SIMT, the sm80-class tensor-core kernels, and the default (the Hopper forward or
+  // decode kernel where one takes the call; skipped where the default is the sm80-class kernel again).
   for (int mode = fp8 ? 2 : 0; mode < 3; ++mode) {  // FP8 has one kernel
     setenv("FLASH_ATTN_CUDA_SIMT", mode == 0 ? "1" : "0", 1);
     setenv("FLASH_ATTN_CUDA_HOPPER", mode == 1 ? "0" : "1", 1);
     const std::string kernel = flash::cuda::fwd_kernel_name(p);
-    if (mode == 2 && kernel != "wgmma") continue;
+    if (mode == 2 && (kernel == "mma" || kernel == "simt")) continue;
     flash::FlashFwdParams fp = p;
     fp.num_splits = flash::cuda::fwd_num_splits(fp);
     float* accum = nullptr;
@@ -613,6 +613,29 @@ int main() {
     c.fp8 = ps == 16;  // decode: few rows, the split heuristic's count
     c.causal = true;
     c.num_splits = 0;
+    c.bwd = false;
+    cases.push_back(c);
+  }
+  {
+    // Hopper decode: head dim 96 (tile columns past it zero), 16 packed rows, a window whose first
+    // tile starts before it, a sequence without keys, partial last tiles, three splits.
+    Case c = make("decode window(50,0) gqa 16/1 d=96 splits=3 empty seq", 3, 1, 333, 16, 1, 96);
+    c.page_size = 16;
+    c.seqused = {333, 0, 70};
+    c.wl = 50;
+    c.wr = 0;
+    c.num_splits = 3;
+    c.bwd = false;
+    cases.push_back(c);
+  }
+  {
+    // Hopper decode over varlen keys (TMA rows counted from the buffer's start): an empty
+    // sequence, one without queries, two query rows of a group.
+    Case c = make("decode varlen gqa 4/1 causal d=128", 4, 1, 1, 8, 2, 128);
+    c.varlen = true;
+    c.sq = {1, 2, 0, 1};
+    c.sk = {300, 0, 70, 129};
+    c.causal = true;
     c.bwd = false;
     cases.push_back(c);
   }

@@ -14,10 +14,12 @@
 #include <chrono>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cuda/flash_fwd_mma.cuh"
 #include "cuda/hopper/flash_bwd_wgmma.cuh"
+#include "cuda/hopper/flash_decode_tma.cuh"
 #include "cuda/hopper/flash_fwd_wgmma.cuh"
 #include "check_cuda.h"
 #include "flash_api.h"
@@ -329,8 +331,9 @@ int main() {
   }
 
   // (2) Decode: seqlen_q 1, batch 64, cache 8192 keys through a shuffled block table of 256-key
-  // pages, heads 32:8, head dim 128: key-warps shapes and stage counts, the production entry per
-  // split count, the read ceiling and the host time of a call (cuda_kernel_notes.md, v7).
+  // pages, heads 32:8, head dim 128: key-warps shapes and stage counts, the Hopper decode kernel's
+  // shapes, the production entry per split count, the read ceiling and the host time of a call
+  // (cuda_kernel_notes.md, v7 and v11).
   if (section("decode")) {
     const int batch = 64, cache = 8192, page = 256, hq = 32, hkv = 8, d = 128;
     const int pages_per_seq = cache / page, num_pages = batch * pages_per_seq;
@@ -422,6 +425,11 @@ int main() {
     report_key_warps("key warps w2 bn32 s4", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 2, 1, 32, true, true, 4>(a, nullptr); });
     report_key_warps("key warps w4 bn64 s2 3/SM", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 4, 1, 64, true, true, 2, 3>(a, nullptr); });
     report_key_warps("key warps w4 bn64 s2 4/SM", [](const FwdArgs& a) { launch_fwd_mma_config<T, 128, 4, 1, 64, true, true, 2, 4>(a, nullptr); });
+    // The Hopper decode kernel (TMA tiles from a producer thread): keys per tile, stages, CTAs per SM.
+    report_key_warps("tma bn64 s3 2/SM", [](const FwdArgs& a) { launch_fwd_decode_tma_config<T, 128, DecodeTmaConfig<128, 64, 3, 2>>(a, nullptr); });
+    report_key_warps("tma bn64 s6 1/SM", [](const FwdArgs& a) { launch_fwd_decode_tma_config<T, 128, DecodeTmaConfig<128, 64, 6, 1>>(a, nullptr); });
+    report_key_warps("tma bn128 s3 1/SM", [](const FwdArgs& a) { launch_fwd_decode_tma_config<T, 128, DecodeTmaConfig<128, 128, 3, 1>>(a, nullptr); });
+    report_key_warps("tma bn64 s2 3/SM", [](const FwdArgs& a) { launch_fwd_decode_tma_config<T, 128, DecodeTmaConfig<128, 64, 2, 3>>(a, nullptr); });
     for (int splits : {1, 2, 3, 4}) {
       flash::FlashFwdParams ps = p;
       ps.num_splits = splits;
@@ -465,6 +473,65 @@ int main() {
       std::printf("decode host: split heuristic %.2f us, run_fwd enqueue %.2f us per call\n",
                   std::chrono::duration<double, std::micro>(t1 - t0).count() / 1000,
                   std::chrono::duration<double, std::micro>(t2 - t1).count() / 50);
+    }
+    // Other layouts on the same bytes of cache (batch x head_dim kept): head dims 64 and 256 paged,
+    // and head dim 128 unpaged with keys contiguous per head (batch, heads_kv, cache, d: what SDPA
+    // reads in the bench) or heads inside a key row (batch, cache, heads_kv, d). The default (the
+    // Hopper decode on sm90) against the sm80-class kernels, one split each, outputs compared.
+    struct Layout {
+      const char* name;
+      int d;
+      bool paged, heads_inside;
+    };
+    for (const Layout& lay : {Layout{"paged", 64, true, true}, Layout{"paged", 256, true, true},
+                              Layout{"bhsd", 128, false, false}, Layout{"bshd", 128, false, true}}) {
+      const int dd = lay.d;
+      const int bb = batch * d / dd, pages_dd = bb * pages_per_seq;
+      std::vector<int32_t> perm(pages_dd);
+      for (int i = 0; i < pages_dd; ++i) perm[i] = i;
+      std::shuffle(perm.begin(), perm.end(), rng);
+      int32_t* table_dd;
+      CHECK_CUDA(cudaMalloc(&table_dd, pages_dd * sizeof(int32_t)));
+      CHECK_CUDA(cudaMemcpy(table_dd, perm.data(), pages_dd * sizeof(int32_t), cudaMemcpyHostToDevice));
+      flash::FlashFwdParams pd = p;
+      pd.batch = bb;
+      pd.head_dim = dd;
+      pd.q_row_stride = pd.o_row_stride = pd.q_batch_stride = pd.o_batch_stride = static_cast<int64_t>(hq) * dd;
+      pd.q_head_stride = pd.o_head_stride = dd;
+      const int64_t head = lay.heads_inside ? dd : static_cast<int64_t>(cache) * dd;
+      const int64_t row = lay.heads_inside ? static_cast<int64_t>(hkv) * dd : dd;
+      pd.k_head_stride = pd.v_head_stride = head;
+      pd.k_row_stride = pd.v_row_stride = row;
+      pd.k_batch_stride = pd.v_batch_stride = static_cast<int64_t>(lay.paged ? page : cache) * hkv * dd;
+      pd.block_table = lay.paged ? table_dd : nullptr;
+      pd.softmax_scale = 1.f / std::sqrt(static_cast<float>(dd));
+      pd.num_splits = 1;
+      const size_t out_n = static_cast<size_t>(bb) * hq * dd;
+      auto run = [&](bool hopper) {
+        setenv("FLASH_ATTN_CUDA_HOPPER", hopper ? "1" : "0", 1);
+        CHECK_CUDA(cudaMemset(o, 0xFF, out_n * 2));  // NaN poison
+        flash::cuda::run_fwd(pd, nullptr);
+        CHECK_CUDA(cudaDeviceSynchronize());
+        std::vector<float> out = fetch(o, out_n);
+        const float ms = time_ms([&] { flash::cuda::run_fwd(pd, nullptr); });
+        const std::string name = flash::cuda::fwd_kernel_name(pd);
+        unsetenv("FLASH_ATTN_CUDA_HOPPER");
+        return std::make_tuple(ms, name, out);
+      };
+      const auto [ms_default, name, out_default] = run(true);
+      const auto [ms_mma, name_mma, out_mma] = run(false);
+      double diff = 0.0;
+      bool nan = false;
+      for (size_t i = 0; i < out_n; ++i) {
+        nan |= !std::isfinite(out_default[i]) || !std::isfinite(out_mma[i]);
+        diff = std::fmax(diff, std::fabs(out_default[i] - out_mma[i]));
+      }
+      const bool bad = nan || diff > 2e-2;
+      failures += bad;
+      std::printf("decode %s d=%d batch %d: %s %.1f us (%.1f GB/s), %s %.1f us (%.1f GB/s), max|diff| %.2e%s\n",
+                  lay.name, dd, bb, name.c_str(), ms_default * 1e3, bytes / ms_default / 1e6, name_mma.c_str(),
+                  ms_mma * 1e3, bytes / ms_mma / 1e6, diff, bad ? "  FAIL" : "");
+      CHECK_CUDA(cudaFree(table_dd));
     }
     CHECK_CUDA(cudaFree(out_accum));
     CHECK_CUDA(cudaFree(lse_accum));
