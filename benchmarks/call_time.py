@@ -7,6 +7,7 @@ so a call pays the host work before its first launch on an idle GPU), the same b
 build in build/ (`flash-attn-kernel build`).
   usage: python3 benchmarks/call_time.py --op decode
          python3 benchmarks/call_time.py --op fwd --hdim 128 --seqlens 2048,16384 --causal
+         python3 benchmarks/call_time.py --op bwd --seqlens 2048 --first-launch
 """
 
 import argparse
@@ -68,6 +69,30 @@ def device_us(step, n: int) -> float:
     return sum(e.device_time_total for e in prof.key_averages()) / n
 
 
+def first_launch(step, limit: int = 80) -> None:
+    """One call under torch.profiler (CPU and CUDA): the host events before its first kernel starts,
+    in time order (start and duration in us from the first event): what the host does first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    t0 = events[0].time_range.start
+    kernels = [e.time_range.start for e in events if e.device_type == DeviceType.CUDA]
+    first = min(kernels) if kernels else float("inf")
+    print(f"  first kernel starts {first - t0:.1f} us after the first host event")
+    host = [e for e in events if e.device_type == DeviceType.CPU and e.time_range.start <= first]
+    for e in host[:limit]:
+        print(f"  {e.time_range.start - t0:9.1f} {e.time_range.elapsed_us():9.1f}  {e.name}")
+    if len(host) > limit:
+        print(f"  ... {len(host) - limit} more host events before it")
+
+
 def points(args) -> list:
     if args.op == "decode":
         hq, hkv = (int(x) for x in args.heads.split(":"))
@@ -87,6 +112,8 @@ def main() -> None:
     parser.add_argument("--cache", type=int, default=8192, help="decode: cache length")
     parser.add_argument("--heads", default="32:8", help="decode: query:kv heads")
     parser.add_argument("--page", type=int, default=256, help="decode: page size")
+    parser.add_argument("--first-launch", action="store_true",
+                        help="instead of the timings: the host events of one call before its first kernel")
     args = parser.parse_args()
     kernel = bench._load_kernel(Path.cwd(), "cuda")
     impls = bench.implementations(kernel, "cuda", args.op, "ours", ["sdpa-cudnn", "sdpa-flash"])
@@ -96,6 +123,10 @@ def main() -> None:
         where = point.describe()
         for name, factory in impls.items():
             step = bench._prepare(factory, point, "cuda", torch.bfloat16)
+            if args.first_launch:
+                print(f"{where} {name}")
+                first_launch(step)
+                continue
             print(f"{where:40} {name:11} {host_us(step, 30):9.1f} {event_us(step, 30):10.1f} {queued_us(step, 30):10.1f} "
                   f"{device_us(step, 10):10.1f}", flush=True)
 

@@ -115,6 +115,12 @@ def _check_descales(q: torch.Tensor, descales) -> None:
         raise ValueError(f"q_descale, k_descale and v_descale apply to float8_e4m3fn inputs only, got q in {q.dtype}")
 
 
+def _no_zero_grads(ctx) -> None:
+    """Hands backward None for lse's gradient (lse is not differentiable) instead of a zero tensor
+    that autograd would allocate and fill on every call, before the backward's first kernel."""
+    ctx.set_materialize_grads(False)
+
+
 class _FlashAttnFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, alibi_slopes, dropout_p, softmax_scale, causal, window_left, window_right,
@@ -124,10 +130,13 @@ class _FlashAttnFunc(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, sinks, alibi_slopes)
         ctx.args = (dropout_p, softmax_scale, causal, window_left, window_right, softcap, deterministic, seed, offset)
         ctx.mark_non_differentiable(lse)
+        _no_zero_grads(ctx)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        if dout is None:
+            return (None,) * 14
         q, k, v, out, lse, sinks, alibi_slopes = ctx.saved_tensors
         dropout_p, scale, causal, wl, wr, softcap, deterministic, seed, offset = ctx.args
         dq, dk, dv, dsinks = ops.bwd(_last_dim_contiguous(dout), q, k, v, out, lse, alibi_slopes, sinks, dropout_p,
@@ -148,10 +157,13 @@ class _FlashAttnVarlenFunc(torch.autograd.Function):
         ctx.args = (max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_left, window_right, softcap,
                     deterministic, seed, offset)
         ctx.mark_non_differentiable(lse)
+        _no_zero_grads(ctx)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        if dout is None:
+            return (None,) * 20
         q, k, v, out, lse, sinks, cu_q, cu_k, seqused_k, alibi_slopes = ctx.saved_tensors
         max_q, max_k, dropout_p, scale, causal, wl, wr, softcap, deterministic, seed, offset = ctx.args
         dq, dk, dv, dsinks = ops.varlen_bwd(_last_dim_contiguous(dout), q, k, v, out, lse, cu_q, cu_k, seqused_k,
