@@ -157,9 +157,7 @@ __global__ void __launch_bounds__(kThreads, 1) dq_mma_kernel(const BwdArgs args)
     }
     // dS in place of s; c0,c1 belong to row[0], c2,c3 to row[1]. The tile needs the mask unless
     // every row of the CTA sees every key of it.
-    const bool need_mask = j0 + BN > si.sk || r0 + BM > rows ||
-                           (sa.window_right >= 0 && j0 + BN - 1 > i_lo + offset + sa.window_right) ||
-                           (sa.window_left >= 0 && j0 < i_hi + offset - sa.window_left);
+    const bool need_mask = r0 + BM > rows || tile_needs_mask(sa, si.sk, offset, j0, BN, i_lo, i_hi);
 #pragma unroll
     for (int t = 0; t < kNT; ++t) {
 #pragma unroll
@@ -365,9 +363,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
     // The block needs the mask unless every (row, key) pair of it is visible.
     const int r0 = mb * BR;
     const int row_i_lo = gs.row(r0), row_i_hi = gs.row(r0 + BR - 1);
-    const bool need_mask = j0 + BK > si.sk || r0 + BR > rows ||
-                           (sa.window_right >= 0 && j0 + BK - 1 > row_i_lo + offset + sa.window_right) ||
-                           (sa.window_left >= 0 && j0 < row_i_hi + offset - sa.window_left);
+    const bool need_mask = r0 + BR > rows || tile_needs_mask(sa, si.sk, offset, j0, BK, row_i_lo, row_i_hi);
 #pragma unroll
     for (int t = 0; t < kRT; ++t) {
 #pragma unroll

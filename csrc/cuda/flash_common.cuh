@@ -220,6 +220,15 @@ __device__ __forceinline__ bool visible(const ScoreArgs& a, int i, int j, int sq
   return true;
 }
 
+// Whether a tile of keys j0 .. j0 + bn - 1 seen by query rows i_lo .. i_hi needs the per-element
+// mask: a key past the end, or a (row, key) pair outside the window (rows past the end are the
+// caller's to add). offset = sk - sq, the kernels' bottom-right alignment.
+__device__ __forceinline__ bool tile_needs_mask(const ScoreArgs& a, int sk, int offset, int j0, int bn, int i_lo,
+                                                int i_hi) {
+  return j0 + bn > sk || (a.window_right >= 0 && j0 + bn - 1 > i_lo + offset + a.window_right) ||
+         (a.window_left >= 0 && j0 < i_hi + offset - a.window_left);
+}
+
 struct BlockRange {
   int begin, end;
 };

@@ -345,9 +345,7 @@ __global__ void __launch_bounds__(32 * kWarps, kMinCtas) fwd_mma_kernel(const Fw
     // one folds scale * log2(e) into the exponent below (its scale is positive, so the row max of
     // the raw scores is the max of the scaled ones). c0,c1 belong to row 2mt, c2,c3 to row 2mt+1.
     // The tile needs the mask unless every row of the CTA sees every key of it.
-    const bool need_mask = j0 + BN > si.sk ||
-                           (sa.window_right >= 0 && j0 + BN - 1 > i_lo + offset + sa.window_right) ||
-                           (sa.window_left >= 0 && j0 < i_hi + offset - sa.window_left);
+    const bool need_mask = tile_needs_mask(sa, si.sk, offset, j0, BN, i_lo, i_hi);
     if (!kPlain || need_mask) {
 #pragma unroll
       for (int e = 0; e < kRows; ++e) {

@@ -266,9 +266,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
     // unless every (row, key) pair of it is visible (rows past the end add nothing); masked scores
     // become -inf (softmax_scale > 0), so that the probabilities below need no branch.
     const int r0 = mb * BM;
-    const bool need_mask = j0 + BN > si.sk ||
-                           (sa.window_right >= 0 && j0 + BN - 1 > gs.row(r0) + offset + sa.window_right) ||
-                           (sa.window_left >= 0 && j0 < gs.row(min(r0 + BM, rows) - 1) + offset - sa.window_left);
+    const bool need_mask = tile_needs_mask(sa, si.sk, offset, j0, BN, gs.row(r0), gs.row(min(r0 + BM, rows) - 1));
     if (need_mask) {
 #pragma unroll
       for (int t = 0; t < kMT; ++t) {

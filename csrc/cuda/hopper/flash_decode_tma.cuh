@@ -235,9 +235,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
       }
     }
     // Masked scores -inf where some row of the CTA may not see some key of the tile.
-    const bool need_mask = j0 + BN > si.sk ||
-                           (sa.window_right >= 0 && j0 + BN - 1 > i_lo + offset + sa.window_right) ||
-                           (sa.window_left >= 0 && j0 < i_hi + offset - sa.window_left);
+    const bool need_mask = tile_needs_mask(sa, si.sk, offset, j0, BN, i_lo, i_hi);
     if (need_mask) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {

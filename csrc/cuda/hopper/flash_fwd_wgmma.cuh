@@ -262,9 +262,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
   auto softmax = [&](int n) {
     const int j0 = n * BN;
     // The tile needs the mask unless every row of the CTA sees every key of it.
-    const bool need_mask = j0 + BN > si.sk ||
-                           (sa.window_right >= 0 && j0 + BN - 1 > i_lo + offset + sa.window_right) ||
-                           (sa.window_left >= 0 && j0 < i_hi + offset - sa.window_left);
+    const bool need_mask = tile_needs_mask(sa, si.sk, offset, j0, BN, i_lo, i_hi);
     if (need_mask) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
