@@ -85,8 +85,9 @@ bool hopper_fwd_supported(const FlashFwdParams& p) {
 // Whether a forward call runs on the Hopper decode kernel: the Hopper kernels are enabled, 16-bit,
 // head dims above 64 (at 64 the key-warps kernel reads as fast: flash_cuda_tune's decode section),
 // at most 16 packed rows, none of softcap, ALiBi or dropout, K / V as TMA tensors (base pointers
-// and every stride multiples of 16 bytes), and paged KV only with pages of 16 keys or more that
-// divide or are divided by the 64-key tile, without leftpad_k (a box never crosses a page).
+// and every stride multiples of 16 bytes), paged KV only with pages of 16 keys or more that divide
+// or are divided by the 64-key tile, without leftpad_k (a box never crosses a page), and no varlen
+// keys without pages (a box could read past the buffer's last row: its row count is not a param).
 bool hopper_decode_supported(const FlashFwdParams& p) {
   if (!hopper_kernels_enabled() || p.dtype == DType::kFloat8E4M3 || p.head_dim <= 64) return false;
   const int group = p.heads_q / p.heads_kv;
@@ -94,8 +95,9 @@ bool hopper_decode_supported(const FlashFwdParams& p) {
       p.dropout_p != 0.f || p.softmax_scale <= 0.f) {
     return false;
   }
-  if (p.block_table != nullptr &&
-      (p.page_size < 16 || (p.page_size % 64 != 0 && 64 % p.page_size != 0) || p.leftpad_k != nullptr)) {
+  if (p.block_table == nullptr ? p.cu_seqlens_k != nullptr
+                               : p.page_size < 16 || (p.page_size % 64 != 0 && 64 % p.page_size != 0) ||
+                                     p.leftpad_k != nullptr) {
     return false;
   }
   auto aligned = [](const void* ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {

@@ -8,14 +8,15 @@
 // mbarrier arrival per warp, and merge their partial softmax states at the end (merge_key_warps).
 //
 // K and V are described to the copy engine as 4-d tensors (head_dim, rows, heads_kv, units): a unit
-// is a page (paged KV), a cache batch row, or the whole varlen buffer. A tile of BN keys is
-// BN / box_rows boxes per 64-column block (DecodeTmaMaps), a box never crossing a page.
+// is a page (paged KV) or a cache batch row. A tile of BN keys is BN / box_rows boxes per 64-column
+// block (DecodeTmaMaps), a box never crossing a page; rows past a cache row's end read zero.
 //
 // Calls it takes (hopper_decode_supported, flash_fwd.cu): 16-bit, head dims above 64, at most 16
 // packed rows, no softcap, ALiBi or dropout, softmax_scale > 0, K / V addresses and strides
 // multiples of 16 bytes, and paged KV only with pages of 16 keys or more that divide or are divided
-// by the tile, without leftpad_k. Everything else of FlashFwdParams is covered (causal, window, GQA,
-// varlen, seqused, leftpad unpaged, cache_batch_idx, sinks, split-KV).
+// by the tile, without leftpad_k, and varlen keys only through pages. Everything else of
+// FlashFwdParams is covered (causal, window, GQA, varlen queries, seqused, leftpad unpaged,
+// cache_batch_idx, sinks, split-KV).
 #pragma once
 
 #include <algorithm>
@@ -159,15 +160,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
       const int boxes = min(BN / box_rows, ceil_div(si.sk - j0, box_rows));
       mbar_arrive_expect_tx(full(st), 2u * kBlocks * boxes * box_bytes);
       for (int bx = 0; bx < boxes; ++bx) {
-        // The box's first key: its row in its unit (page, cache row or varlen buffer), and the unit.
+        // The box's first key: its row in its unit (page or cache row), and the unit.
         const int pos = j0 + bx * box_rows + si.k_first;
         int row = pos, unit = si.kv_batch;
         if (p.block_table != nullptr) {
           row = pos % p.page_size;
           unit = p.block_table[b * p.block_table_batch_stride + pos / p.page_size];
-        } else if (p.cu_seqlens_k != nullptr) {
-          row = static_cast<int>(si.k_row0) + pos;
-          unit = 0;
         }
         const uint32_t at = bx * box_bytes;
 #pragma unroll
@@ -313,14 +311,14 @@ bool encode_decode_tma_maps(const FlashFwdParams& p, DecodeTmaMaps& maps) {
   if (encode == nullptr) return false;
   const bool paged = p.block_table != nullptr;
   maps.box_rows = paged ? std::min(BN, p.page_size) : BN;
-  // Rows of a unit: a page, a cache batch row, or the whole varlen buffer; units: pages or cache
-  // rows (neither count is in the params: the largest extent, never reached by a coordinate).
+  // Rows of a unit: a page or a cache batch row; units: pages or cache rows (neither count is in
+  // the params: the largest extent, never reached by a coordinate).
   constexpr cuuint64_t kMany = (1ull << 31) - 1;
-  const cuuint64_t unit_rows = paged ? p.page_size : p.cu_seqlens_k != nullptr ? kMany : p.seqlen_k;
-  const cuuint64_t units = p.cu_seqlens_k != nullptr && !paged ? 1 : kMany;
+  const cuuint64_t unit_rows = paged ? p.page_size : p.seqlen_k;
+  const cuuint64_t units = kMany;
   auto make = [&](CUtensorMap& map, const void* base, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
     const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.head_dim), unit_rows, static_cast<cuuint64_t>(p.heads_kv), units};
-    // (A unit stride of 0, as varlen passes, is never stepped: any multiple of 16 bytes will do.)
+    // (A unit stride of 0, a cache of one batch row, is never stepped: any multiple of 16 bytes will do.)
     const cuuint64_t strides[3] = {static_cast<cuuint64_t>(row_stride) * sizeof(T),
                                    static_cast<cuuint64_t>(head_stride) * sizeof(T),
                                    static_cast<cuuint64_t>(batch_stride > 0 ? batch_stride : row_stride) * sizeof(T)};

@@ -629,8 +629,8 @@ int main() {
     cases.push_back(c);
   }
   {
-    // Hopper decode over varlen keys (TMA rows counted from the buffer's start): an empty
-    // sequence, one without queries, two query rows of a group.
+    // Decode over varlen keys (the key-warps kernel: the Hopper decode takes varlen keys only
+    // through pages): an empty sequence, one without queries, two query rows of a group.
     Case c = make("decode varlen gqa 4/1 causal d=128", 4, 1, 1, 8, 2, 128);
     c.varlen = true;
     c.sq = {1, 2, 0, 1};
