@@ -9,7 +9,7 @@
 //
 // K and V are described to the copy engine as 4-d tensors (head_dim, rows, heads_kv, units): a unit
 // is a page (paged KV) or a cache batch row. A tile of BN keys is BN / box_rows boxes per 64-column
-// block (DecodeTmaMaps), a box never crossing a page; rows past a cache row's end read zero.
+// block (KvTmaMaps), a box never crossing a page; rows past a cache row's end read zero.
 //
 // Calls it takes (hopper_decode_supported, flash_fwd.cu): 16-bit, head dims above 64, at most 16
 // packed rows, no softcap, ALiBi or dropout, softmax_scale > 0, K / V addresses and strides
@@ -22,9 +22,8 @@
 #include <algorithm>
 #include <type_traits>
 
-#include <cuda.h>  // CUtensorMap and cuTensorMapEncodeTiled's types (the function comes from the runtime)
-
 #include "cuda/flash_fwd_mma.cuh"
+#include "cuda/hopper/tma.cuh"
 #include "cuda/hopper/wgmma_tiles.cuh"
 
 namespace flash {
@@ -53,32 +52,9 @@ struct DecodeTmaConfig {
   static_assert(sizeof(float) * kConsumerWarps * 16 * (D + 10) <= 2 * kStages * kTileBytes, "the merge reuses the tiles");
 };
 
-// Key rows per box: a page's worth where pages are shorter than the tile (DecodeTmaMaps).
-struct DecodeTmaMaps {
-  CUtensorMap k, v;
-  int box_rows;
-};
-
-// ---- TMA tensor copies completing on an mbarrier ---------------------------------------------
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-// The box of `map` at coordinates (c0, c1, c2, c3) into shared `dst` (1024-byte aligned for the
-// 128-byte swizzle); its bytes count down the barrier's expected bytes. Out-of-bound elements read zero.
-__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
-                                            uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
-      "[%6];\n" ::"r"(dst),
-      "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
-      : "memory");
-}
-// Makes mbarrier initializations visible to the copy engine (the async proxy).
-__device__ __forceinline__ void fence_mbar_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
-
 template <typename T, int D, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
-    fwd_decode_tma_kernel(const FwdArgs args, const __grid_constant__ DecodeTmaMaps maps) {
+    fwd_decode_tma_kernel(const FwdArgs args, const __grid_constant__ KvTmaMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BM = Cfg::kBlockM;
   constexpr int BN = Cfg::kBlockN;
@@ -290,55 +266,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
-// The tensor maps of K and V for a tile of BN keys, or false where the driver's encoder is not
-// available or refuses them (the caller then runs the sm80-class kernel).
-template <typename T, int BN>
-bool encode_decode_tma_maps(const FlashFwdParams& p, DecodeTmaMaps& maps) {
-  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                              const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                              CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-  static Encode encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();
-      return static_cast<Encode>(nullptr);
-    }
-    return reinterpret_cast<Encode>(fn);
-  }();
-  if (encode == nullptr) return false;
-  const bool paged = p.block_table != nullptr;
-  maps.box_rows = paged ? std::min(BN, p.page_size) : BN;
-  // Rows of a unit: a page or a cache batch row; units: pages or cache rows (neither count is in
-  // the params: the largest extent, never reached by a coordinate).
-  constexpr cuuint64_t kMany = (1ull << 31) - 1;
-  const cuuint64_t unit_rows = paged ? p.page_size : p.seqlen_k;
-  const cuuint64_t units = kMany;
-  auto make = [&](CUtensorMap& map, const void* base, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
-    const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.head_dim), unit_rows, static_cast<cuuint64_t>(p.heads_kv), units};
-    // (A unit stride of 0, a cache of one batch row, is never stepped: any multiple of 16 bytes will do.)
-    const cuuint64_t strides[3] = {static_cast<cuuint64_t>(row_stride) * sizeof(T),
-                                   static_cast<cuuint64_t>(head_stride) * sizeof(T),
-                                   static_cast<cuuint64_t>(batch_stride > 0 ? batch_stride : row_stride) * sizeof(T)};
-    const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(maps.box_rows), 1, 1};
-    const cuuint32_t steps[4] = {1, 1, 1, 1};
-    const CUtensorMapDataType type =
-        std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-    return encode(&map, type, 4, const_cast<void*>(base), dims, strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                  CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-  };
-  return make(maps.k, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
-         make(maps.v, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
-}
-
 // Launches the kernel; false (nothing launched) where the tensor maps could not be made.
 template <typename T, int D, typename Cfg>
 bool launch_fwd_decode_tma_config(const FwdArgs& args, cudaStream_t stream) {
-  DecodeTmaMaps maps;
-  if (!encode_decode_tma_maps<T, Cfg::kBlockN>(args.p, maps)) return false;
+  KvTmaMaps maps;
+  if (!encode_kv_tma_maps<T>(args.p, Cfg::kBlockN, maps)) return false;
   auto kernel = fwd_decode_tma_kernel<T, D, Cfg>;
   set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute(fwd_decode_tma_kernel)");
   const FlashFwdParams& p = args.p;

@@ -1,7 +1,8 @@
 // Hopper forward (sm90a, warpgroup MMA), warp-specialized: one CTA per (kConsumers x 64 packed query
 // rows, KV head, batch[, split]). Warpgroup 0 is the producer: it copies Q and a ring of K/V tiles
-// with cp.async into the 128-byte swizzled layout wgmma reads from shared memory, each buffer
-// completing on an mbarrier, and gives most of its registers to the consumers (setmaxnreg). Each
+// into the 128-byte swizzled layout wgmma reads from shared memory (cp.async from its 128 threads;
+// 16-bit K/V of plain dense layouts by TMA from one thread, tma.cuh), each buffer completing on an
+// mbarrier, and gives most of its registers to the consumers (setmaxnreg). Each
 // consumer warpgroup owns 64 rows: S = Q K^T is a shared-memory x shared-memory wgmma, O += P V takes
 // P from registers (the S accumulators converted in place: wgmma's accumulator layout is mma.sync's
 // C fragment, its register A operand mma.sync's A fragment). The consumers take turns on the tensor
@@ -24,6 +25,7 @@
 // use more of e4m3's range (FlashAttention-3's offset; the row sums carry the same factor).
 #pragma once
 
+#include "cuda/hopper/tma.cuh"
 #include "cuda/hopper/wgmma_tiles.cuh"
 
 namespace flash {
@@ -37,7 +39,7 @@ namespace detail {
 // 128-key tiles up to head dim 128, 64 above so that the S accumulators (BN / 2 registers) next to
 // O's (D / 2) fit. Short head-dim-64 calls take FwdWgmmaShortConfig64 (below).
 template <int D, int kConsumers_ = (D == 64 ? 3 : 2), int BN = (D <= 128 ? 128 : 64), int kCtas = 1,
-          int kElemBytes = 2>
+          int kElemBytes = 2, bool kTmaKv_ = true>
 struct FwdWgmmaConfig {
   static_assert(D % 64 == 0 && D <= 256, "head-dim bucket: whole 128-byte swizzle rows");
   static_assert(kElemBytes == 2 || BN % 32 == 0, "FP8 key tiles: whole k32 steps of P V");
@@ -47,6 +49,9 @@ struct FwdWgmmaConfig {
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = BN;
   static constexpr int kCtasPerSm = kCtas;
+  // 16-bit K / V tiles of plain dense layouts by TMA from one producer thread (fwd_kv_tma_layout);
+  // false: always the producer warpgroup's cp.async copies (kept as a flash_cuda_tune candidate).
+  static constexpr bool kTmaKv = kTmaKv_ && kElemBytes == 2;
   // Registers: every thread starts with the launch share; the producer drops to kProducerRegs and
   // the consumers split what it gave back (setmaxnreg counts are multiples of 8, at most 256).
   static constexpr int kLaunchRegs = 65536 / (kThreads * kCtas) / 8 * 8;
@@ -81,7 +86,8 @@ __device__ __forceinline__ uint32_t pack4_e4m3(float a, float b, float c, float 
 }
 
 template <typename T, int D, typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kernel(const FwdArgs args) {
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
+    fwd_wgmma_kernel(const FwdArgs args, const __grid_constant__ KvTmaMaps kv_maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kFp8 = sizeof(T) == 1;
   using TO = FwdOut<T>;
@@ -96,8 +102,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
   const uint32_t sQ = (smem_addr(wgmma_smem) + 1023u) & ~1023u;
   const uint32_t sK = sQ + Cfg::kQBytes;            // [kStages] K tiles
   const uint32_t sV = sK + kStages * Cfg::kKBytes;  // [kStages] V tiles (FP8: transposed)
-  // mbarriers: Q landed; per buffer, K / V landed (the producer's threads arrive as their copies
-  // complete) and K / V read (one arrival per consumer warp).
+  // mbarriers: Q landed; per buffer, K / V landed (cp.async: the producer's threads arrive as their
+  // copies complete; TMA: one arrival and the tile's bytes) and K / V read (one arrival per
+  // consumer warp).
   __shared__ __align__(8) uint64_t barriers[1 + 4 * kStages];
   const uint32_t q_full = smem_addr(barriers);
   auto k_full = [&](int st) { return q_full + 8u * (1 + st); };
@@ -132,14 +139,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
   const int warp = tid / 32;
   const int lane = tid % 32;
   const int wg = warp / 4;
+  const bool tma_kv = Cfg::kTmaKv && kv_maps.box_rows > 0;
   if (tid == 0) {
     mbar_init(q_full, kLoaders);
     for (int st = 0; st < kStages; ++st) {
-      mbar_init(k_full(st), kLoaders);
-      mbar_init(v_full(st), kLoaders);
+      mbar_init(k_full(st), tma_kv ? 1 : kLoaders);
+      mbar_init(v_full(st), tma_kv ? 1 : kLoaders);
       mbar_init(k_empty(st), 4 * kConsumers);
       mbar_init(v_empty(st), 4 * kConsumers);
     }
+    if (tma_kv) fence_mbar_init();
   }
   __syncthreads();
 
@@ -167,6 +176,27 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
       return q + q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, gs.row(r), hk * group + gs.head(r));
     }, p.head_dim, q);
     cp_async_mbar_arrive(q_full);
+    if (tma_kv) {
+      // One thread issues every tile: a box per 64-column block (rows past the keys read zero).
+      if (tid == 0) {
+        for (int n = n_lo; n < n_hi; ++n) {
+          const int st = stage(n);
+          const bool reuse = n - n_lo >= kStages;
+          if (reuse) mbar_wait(k_empty(st), parity(n) ^ 1u);
+          mbar_arrive_expect_tx(k_full(st), Cfg::kKBytes);
+#pragma unroll
+          for (int cb = 0; cb < D / 64; ++cb)
+            tma_load_4d(sK + st * Cfg::kKBytes + cb * BN * 128, &kv_maps.k, cb * 64, n * BN, hk, si.kv_batch, k_full(st));
+          if (reuse) mbar_wait(v_empty(st), parity(n) ^ 1u);
+          mbar_arrive_expect_tx(v_full(st), Cfg::kVBytes);
+#pragma unroll
+          for (int cb = 0; cb < D / 64; ++cb)
+            tma_load_4d(sV + st * Cfg::kVBytes + cb * BN * 128, &kv_maps.v, cb * 64, n * BN, hk, si.kv_batch, v_full(st));
+        }
+      }
+      cp_async_drain();
+      return;
+    }
     // FP8: V transposed, rows = head-dim columns fp8_vt_keys(p) apart (zero past head_dim), every key
     // column of a tile present (zero-padded to whole tiles).
     const int vt_keys = fp8_vt_keys(p);
@@ -423,13 +453,24 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm) fwd_wgmma_kern
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
+// Whether K / V tiles can come by TMA: every row of a tile below seqlen_k is a key or the tile's
+// zero fill, as the masks and P V need (not so with varlen, paged or left-padded keys, or
+// seqused_k, whose rows past the keys may hold anything), and the head dim fills its bucket (a box
+// is 64 columns).
+inline bool fwd_kv_tma_layout(const FlashFwdParams& p, int bucket) {
+  return p.block_table == nullptr && p.cu_seqlens_k == nullptr && p.seqused_k == nullptr && p.leftpad_k == nullptr &&
+         p.head_dim == bucket;
+}
+
 template <typename T, int D, typename Cfg>
 void launch_fwd_wgmma_config(const FwdArgs& args, cudaStream_t stream) {
   auto kernel = fwd_wgmma_kernel<T, D, Cfg>;
   set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute(fwd_wgmma_kernel)");
   const FlashFwdParams& p = args.p;
+  KvTmaMaps kv_maps{};  // box_rows 0: the cp.async copies
+  if (Cfg::kTmaKv && fwd_kv_tma_layout(p, D) && !encode_kv_tma_maps<T>(p, Cfg::kBlockN, kv_maps)) kv_maps.box_rows = 0;
   const dim3 grid(ceil_div(p.seqlen_q * args.s.group, Cfg::kBlockM), p.heads_kv * args.num_splits, p.batch);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args, kv_maps);
   check_launch("fwd_wgmma_kernel launch");
 }
 
@@ -446,10 +487,16 @@ bool fwd_wgmma_short_tiles(const FwdArgs& args) {
 using FwdWgmmaShortConfig64 = FwdWgmmaConfig<64, 2, 64, 2>;
 // The default shape of a head-dim bucket for element type T (16-bit or FP8).
 // FP8 at D = 256 takes 128-key tiles (116 bytes of spill, still 4-8% faster than 64 keys:
-// flash_cuda_tune's fp8 section).
+// flash_cuda_tune's fp8 section). 16-bit D = 256 takes 80-key tiles (no spill, 3-5% faster than
+// 64 at 2k-16k; 176 keys at D = 128 measured even at 16k and -12% at 2k: notes v12).
+template <int D, int kElemBytes>
+constexpr int fwd_wgmma_default_block_n() {
+  if (D <= 128 || kElemBytes == 1) return 128;
+  return D == 256 ? 80 : 64;
+}
 template <typename T, int D>
 using FwdWgmmaDefaultConfig =
-    FwdWgmmaConfig<D, (D == 64 ? 3 : 2), (D <= 128 || sizeof(T) == 1 ? 128 : 64), 1, sizeof(T)>;
+    FwdWgmmaConfig<D, (D == 64 ? 3 : 2), fwd_wgmma_default_block_n<D, sizeof(T)>(), 1, sizeof(T)>;
 
 // Explicitly instantiated once per head-dim bucket (instantiations/flash_fwd_wgmma_hdim*.cu).
 template <typename T, int D>

@@ -10,7 +10,7 @@ from pathlib import Path
 # dP^T = V dO^T over a query tile (ss, N = 32 / 64 / 128: 32 at head dim 256, where each warpgroup
 # takes half the tile's query rows), dV += P^T dO and dK += dS^T Q (ss with B MN-major, N = the
 # warpgroup's head-dim columns), dQ = dS K (ss with A and B MN-major, N = 64 / 128).
-SS_N = (32, 64, 128)
+SS_N = (32, 64, 80, 128)  # 80: the forward's key tile at head dim 256
 RS_N = (64, 128, 192, 256)
 TYPES = {"__nv_bfloat16": "bf16", "__half": "f16"}
 # FP8 forward (m64nNk32, both operands K-major: 8-bit wgmma has no transposed form): S = Q K^T over

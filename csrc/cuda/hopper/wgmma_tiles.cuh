@@ -200,11 +200,15 @@ __device__ __forceinline__ void wgmma_ss_k_major(float (&acc)[kAcc], uint32_t a,
 }
 
 // Reduces x[0..N) pairwise, halving the count each step (a chain over N was the sm80-class kernel's
-// main stall); written as a recursion so that every step unrolls.
+// main stall); written as a recursion so that every step unrolls. An odd count folds its last
+// element into the first.
 template <int N, typename Op>
 __device__ __forceinline__ float tree_reduce(float* x, Op op) {
   if constexpr (N == 1) {
     return x[0];
+  } else if constexpr (N % 2 == 1) {
+    x[0] = op(x[0], x[N - 1]);
+    return tree_reduce<N - 1>(x, op);
   } else {
 #pragma unroll
     for (int t = 0; t < N / 2; ++t) x[t] = op(x[t], x[t + N / 2]);

@@ -187,10 +187,14 @@ int main() {
       {"wgmma (sm90a)", 64, launch_fwd_wgmma<T, 64>},
       {"wgmma 3 consumers bn128", 64, launch_fwd_wgmma_config<T, 64, FwdWgmmaConfig<64, 3, 128, 1>>},
       {"wgmma 2 consumers bn64 2/SM", 64, launch_fwd_wgmma_config<T, 64, FwdWgmmaConfig<64, 2, 64, 2>>},
+      {"wgmma cp.async K/V", 64, launch_fwd_wgmma_config<T, 64, FwdWgmmaConfig<64, 3, 128, 1, 2, false>>},
       {"wgmma (sm90a)", 128, launch_fwd_wgmma<T, 128>},
+      {"wgmma cp.async K/V", 128, launch_fwd_wgmma_config<T, 128, FwdWgmmaConfig<128, 2, 128, 1, 2, false>>},
       {"wgmma 2 consumers bn64", 128, launch_fwd_wgmma_config<T, 128, FwdWgmmaConfig<128, 2, 64, 1>>},
       {"wgmma (sm90a)", 192, launch_fwd_wgmma<T, 192>},
       {"wgmma (sm90a)", 256, launch_fwd_wgmma<T, 256>},
+      {"wgmma 2 consumers bn64", 256, launch_fwd_wgmma_config<T, 256, FwdWgmmaConfig<256, 2, 64, 1>>},
+      {"wgmma cp.async K/V", 256, launch_fwd_wgmma_config<T, 256, FwdWgmmaConfig<256, 2, 80, 1, 2, false>>},
   };
   using F8 = __nv_fp8_e4m3;
   const Candidate fp8_candidates[] = {
