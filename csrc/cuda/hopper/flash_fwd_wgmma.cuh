@@ -1,7 +1,7 @@
 // Hopper forward (sm90a, warpgroup MMA), warp-specialized: one CTA per (kConsumers x 64 packed query
 // rows, KV head, batch[, split]). Warpgroup 0 is the producer: it copies Q and a ring of K/V tiles
 // into the 128-byte swizzled layout wgmma reads from shared memory (cp.async from its 128 threads;
-// 16-bit K/V of plain dense layouts by TMA from one thread, tma.cuh), each buffer completing on an
+// K/V of plain dense layouts by TMA from one thread, tma.cuh), each buffer completing on an
 // mbarrier, and gives most of its registers to the consumers (setmaxnreg). Each
 // consumer warpgroup owns 64 rows: S = Q K^T is a shared-memory x shared-memory wgmma, O += P V takes
 // P from registers (the S accumulators converted in place: wgmma's accumulator layout is mma.sync's
@@ -49,9 +49,10 @@ struct FwdWgmmaConfig {
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = BN;
   static constexpr int kCtasPerSm = kCtas;
-  // 16-bit K / V tiles of plain dense layouts by TMA from one producer thread (fwd_kv_tma_layout);
-  // false: always the producer warpgroup's cp.async copies (kept as a flash_cuda_tune candidate).
-  static constexpr bool kTmaKv = kTmaKv_ && kElemBytes == 2;
+  // K / V tiles of plain dense layouts by TMA from one producer thread (fwd_kv_tma_layout; FP8: V^T
+  // tiles of 128 keys, one box); false: always the producer warpgroup's cp.async copies (kept as a
+  // flash_cuda_tune candidate).
+  static constexpr bool kTmaKv = kTmaKv_ && (kElemBytes == 2 || BN == 128);
   // Registers: every thread starts with the launch share; the producer drops to kProducerRegs and
   // the consumers split what it gave back (setmaxnreg counts are multiples of 8, at most 256).
   static constexpr int kLaunchRegs = 65536 / (kThreads * kCtas) / 8 * 8;
@@ -177,7 +178,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
     }, p.head_dim, q);
     cp_async_mbar_arrive(q_full);
     if (tma_kv) {
-      // One thread issues every tile: a box per 64-column block (rows past the keys read zero).
+      // One thread issues every tile: a box per 128-byte column block (rows past the keys read zero);
+      // FP8's V^T tile is one box of head_dim rows x 128 keys.
+      constexpr int kBlocks = Cfg::kRowBytes / 128;
+      constexpr int kBoxCols = 128 / static_cast<int>(sizeof(T));
       if (tid == 0) {
         for (int n = n_lo; n < n_hi; ++n) {
           const int st = stage(n);
@@ -185,13 +189,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
           if (reuse) mbar_wait(k_empty(st), parity(n) ^ 1u);
           mbar_arrive_expect_tx(k_full(st), Cfg::kKBytes);
 #pragma unroll
-          for (int cb = 0; cb < D / 64; ++cb)
-            tma_load_4d(sK + st * Cfg::kKBytes + cb * BN * 128, &kv_maps.k, cb * 64, n * BN, hk, si.kv_batch, k_full(st));
+          for (int cb = 0; cb < kBlocks; ++cb)
+            tma_load_4d(sK + st * Cfg::kKBytes + cb * BN * 128, &kv_maps.k, cb * kBoxCols, n * BN, hk, si.kv_batch, k_full(st));
           if (reuse) mbar_wait(v_empty(st), parity(n) ^ 1u);
           mbar_arrive_expect_tx(v_full(st), Cfg::kVBytes);
+          if constexpr (kFp8) {
+            tma_load_4d(sV + st * Cfg::kVBytes, &kv_maps.v, n * BN, 0, hk, b, v_full(st));
+          } else {
 #pragma unroll
-          for (int cb = 0; cb < D / 64; ++cb)
-            tma_load_4d(sV + st * Cfg::kVBytes + cb * BN * 128, &kv_maps.v, cb * 64, n * BN, hk, si.kv_batch, v_full(st));
+            for (int cb = 0; cb < kBlocks; ++cb)
+              tma_load_4d(sV + st * Cfg::kVBytes + cb * BN * 128, &kv_maps.v, cb * kBoxCols, n * BN, hk, si.kv_batch, v_full(st));
+          }
         }
       }
       cp_async_drain();
@@ -455,11 +463,29 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kCtasPerSm)
 
 // Whether K / V tiles can come by TMA: every row of a tile below seqlen_k is a key or the tile's
 // zero fill, as the masks and P V need (not so with varlen, paged or left-padded keys, or
-// seqused_k, whose rows past the keys may hold anything), and the head dim fills its bucket (a box
-// is 64 columns).
-inline bool fwd_kv_tma_layout(const FlashFwdParams& p, int bucket) {
+// seqused_k, whose rows past the keys may hold anything), and the head dim fills its bucket in
+// whole 128-byte boxes.
+inline bool fwd_kv_tma_layout(const FlashFwdParams& p, int bucket, int elem_bytes) {
   return p.block_table == nullptr && p.cu_seqlens_k == nullptr && p.seqused_k == nullptr && p.leftpad_k == nullptr &&
-         p.head_dim == bucket;
+         p.head_dim == bucket && p.head_dim * elem_bytes % 128 == 0;
+}
+// The maps of K and V (FP8: K and the transposed V in fp8_scratch, (batch, heads_kv, head_dim,
+// fp8_vt_keys), a box of head_dim rows x 128 keys); box_rows 0 (the cp.async copies) where the
+// call does not qualify or the maps cannot be made.
+template <typename T, typename Cfg>
+KvTmaMaps fwd_kv_tma_maps(const FlashFwdParams& p, int bucket) {
+  KvTmaMaps maps{};
+  if (!Cfg::kTmaKv || !fwd_kv_tma_layout(p, bucket, sizeof(T))) return maps;
+  bool ok = encode_kv_tma_maps<T>(p, Cfg::kBlockN, maps, /*with_v=*/sizeof(T) == 2);
+  if (ok && sizeof(T) == 1) {
+    const int64_t keys = fp8_vt_keys(p);
+    const cuuint64_t dims[4] = {static_cast<cuuint64_t>(keys), static_cast<cuuint64_t>(p.head_dim),
+                                static_cast<cuuint64_t>(p.heads_kv), static_cast<cuuint64_t>(p.batch)};
+    const int64_t strides[3] = {keys, p.head_dim * keys, p.heads_kv * p.head_dim * keys};
+    ok = encode_tma_4d<T>(maps.v, p.fp8_scratch, dims, strides, p.head_dim);
+  }
+  if (!ok) maps.box_rows = 0;
+  return maps;
 }
 
 template <typename T, int D, typename Cfg>
@@ -467,8 +493,7 @@ void launch_fwd_wgmma_config(const FwdArgs& args, cudaStream_t stream) {
   auto kernel = fwd_wgmma_kernel<T, D, Cfg>;
   set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute(fwd_wgmma_kernel)");
   const FlashFwdParams& p = args.p;
-  KvTmaMaps kv_maps{};  // box_rows 0: the cp.async copies
-  if (Cfg::kTmaKv && fwd_kv_tma_layout(p, D) && !encode_kv_tma_maps<T>(p, Cfg::kBlockN, kv_maps)) kv_maps.box_rows = 0;
+  const KvTmaMaps kv_maps = fwd_kv_tma_maps<T, Cfg>(p, D);
   const dim3 grid(ceil_div(p.seqlen_q * args.s.group, Cfg::kBlockM), p.heads_kv * args.num_splits, p.batch);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args, kv_maps);
   check_launch("fwd_wgmma_kernel launch");

@@ -19,8 +19,8 @@ namespace flash {
 namespace cuda {
 namespace detail {
 
-// K and V maps; a box is 64 columns x box_rows key rows (a page's worth where pages are shorter
-// than the tile, so that a box never crosses a page).
+// K and V maps; a box is 128 bytes of columns x box_rows key rows (a page's worth where pages are
+// shorter than the tile, so that a box never crosses a page).
 struct KvTmaMaps {
   CUtensorMap k, v;
   int box_rows;
@@ -42,48 +42,64 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
 // Makes mbarrier initializations visible to the copy engine (the async proxy).
 __device__ __forceinline__ void fence_mbar_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
 
-// The tensor maps of K and V for tiles of `tile_rows` keys, or false where the driver's encoder is
-// not available or refuses them (unaligned addresses or strides: the caller then copies otherwise).
-template <typename T>
-bool encode_kv_tma_maps(const FlashFwdParams& p, int tile_rows, KvTmaMaps& maps) {
-  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                              const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                              CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-  static Encode encode = [] {
+// The driver's tensor-map encoder, looked up once through the runtime (no link to libcuda); null
+// where the driver lacks it.
+using TmaEncodeFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+inline TmaEncodeFn tma_encoder() {
+  static const TmaEncodeFn encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};
     if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
             cudaSuccess ||
         found != cudaDriverEntryPointSuccess) {
       (void)cudaGetLastError();
-      return static_cast<Encode>(nullptr);
+      return static_cast<TmaEncodeFn>(nullptr);
     }
-    return reinterpret_cast<Encode>(fn);
+    return reinterpret_cast<TmaEncodeFn>(fn);
   }();
+  return encode;
+}
+
+// A 4-d tensor of T (dims innermost first, strides of dims 1..3 in elements) read in boxes of
+// 128 bytes x box_rows in the 128-byte swizzle; false where the encoder is missing or refuses it
+// (addresses or strides not multiples of 16 bytes).
+template <typename T>
+bool encode_tma_4d(CUtensorMap& map, const void* base, const cuuint64_t (&dims)[4], const int64_t (&strides)[3],
+                   int box_rows) {
+  const TmaEncodeFn encode = tma_encoder();
   if (encode == nullptr) return false;
+  const cuuint64_t bytes[3] = {static_cast<cuuint64_t>(strides[0]) * sizeof(T), static_cast<cuuint64_t>(strides[1]) * sizeof(T),
+                               static_cast<cuuint64_t>(strides[2]) * sizeof(T)};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(128 / sizeof(T)), static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t steps[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType type = sizeof(T) == 1                      ? CU_TENSOR_MAP_DATA_TYPE_UINT8
+                                   : std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                                     : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return encode(&map, type, 4, const_cast<void*>(base), dims, bytes, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// The tensor maps of K and V for tiles of `tile_rows` keys (K alone where with_v is false), or false
+// where they cannot be made (the caller then copies otherwise).
+template <typename T>
+bool encode_kv_tma_maps(const FlashFwdParams& p, int tile_rows, KvTmaMaps& maps, bool with_v = true) {
   const bool paged = p.block_table != nullptr;
   maps.box_rows = paged ? std::min(tile_rows, p.page_size) : tile_rows;
   // Rows of a unit: a page or a cache batch row; units: pages or cache rows (neither count is in
   // the params: the largest extent, never reached by a coordinate).
   constexpr cuuint64_t kMany = (1ull << 31) - 1;
-  const cuuint64_t unit_rows = paged ? p.page_size : p.seqlen_k;
-  const cuuint64_t units = kMany;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(paged ? p.page_size : p.seqlen_k),
+                              static_cast<cuuint64_t>(p.heads_kv), kMany};
+  // (A unit stride of 0, a cache of one batch row, is never stepped: any multiple of 16 bytes will do.)
   auto make = [&](CUtensorMap& map, const void* base, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
-    const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.head_dim), unit_rows, static_cast<cuuint64_t>(p.heads_kv), units};
-    // (A unit stride of 0, a cache of one batch row, is never stepped: any multiple of 16 bytes will do.)
-    const cuuint64_t strides[3] = {static_cast<cuuint64_t>(row_stride) * sizeof(T),
-                                   static_cast<cuuint64_t>(head_stride) * sizeof(T),
-                                   static_cast<cuuint64_t>(batch_stride > 0 ? batch_stride : row_stride) * sizeof(T)};
-    const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(maps.box_rows), 1, 1};
-    const cuuint32_t steps[4] = {1, 1, 1, 1};
-    const CUtensorMapDataType type =
-        std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-    return encode(&map, type, 4, const_cast<void*>(base), dims, strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                  CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+    const int64_t strides[3] = {row_stride, head_stride, batch_stride > 0 ? batch_stride : row_stride};
+    return encode_tma_4d<T>(map, base, dims, strides, maps.box_rows);
   };
   return make(maps.k, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
-         make(maps.v, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+         (!with_v || make(maps.v, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride));
 }
 
 }  // namespace detail

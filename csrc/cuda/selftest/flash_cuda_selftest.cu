@@ -589,8 +589,8 @@ int main() {
   { Case c = make("wgmma padded d=160 window(60,5)", 1, 150, 190, 2, 2, 160); c.wl = 60; c.wr = 5; cases.push_back(c); }
   // K / V by TMA (dense layouts): cache rows picked by cache_batch_idx; 80-key tiles at d = 256
   // with a partial last tile.
-  { Case c = make("wgmma tma cache_batch_idx gqa 4/2 d=128", 3, 130, 333, 4, 2, 128); c.cache_batch_idx = true; c.bwd = false; cases.push_back(c); }
-  { Case c = make("wgmma tma gqa 2/1 d=256", 2, 140, 410, 2, 1, 256); c.bwd = false; cases.push_back(c); }
+  { Case c = make("wgmma tma cache_batch_idx gqa 4/2 d=128", 3, 130, 333, 4, 2, 128); c.cache_batch_idx = true; c.bwd = false; c.fp8 = true; cases.push_back(c); }
+  { Case c = make("wgmma tma gqa 2/1 d=256", 2, 140, 410, 2, 1, 256); c.bwd = false; c.fp8 = true; cases.push_back(c); }
   {
     Case c = make("varlen", 4, 1, 1, 4, 2, 64);
     c.varlen = true;
