@@ -1,6 +1,7 @@
 // TMA tensor copies (sm90a) of K and V tiles into 128-byte swizzled shared memory, shared by the
-// Hopper forward and decode kernels: one thread issues cp.async.bulk.tensor for a whole 64-column
-// block of key rows, the swizzle applied on the way, completing on an mbarrier that counts its bytes.
+// Hopper forward and decode kernels: one thread issues cp.async.bulk.tensor for a whole 128-byte
+// column block of key rows, the swizzle applied on the way, completing on an mbarrier that counts
+// its bytes.
 //
 // K and V are described to the copy engine as 4-d tensors (head_dim, rows, heads_kv, units): a unit
 // is a page (paged KV) or a cache batch row; rows past a unit's end read zero.
