@@ -1,10 +1,12 @@
 // Hopper backward (sm90a, warpgroup MMA): FlashAttention-2's fused backward on wgmma. One CTA of
 // two warpgroups per (key block, KV head, batch); K and V stay in shared memory while the CTA walks
-// the packed query rows that see its keys, BM per step, through a ring of Q / dO / lse / Di buffers
-// filled with cp.async. The warpgroups share the dK / dV accumulators (KvSplit) by keys at head
-// dims 64 and 128 (128 keys per CTA, 64 per warpgroup) and by head-dim columns at 256 (64 keys per
-// CTA, 128 columns per warpgroup: 64 keys x 256 columns of both would not fit one warpgroup's
-// registers). Per step and warpgroup:
+// the packed query rows that see its keys, BM per step, through a ring of Q / dO / lse / Di buffers.
+// Q and dO of dense (not varlen) layouts come by TMA from one thread (tma.cuh), lse / Di and every
+// other layout by cp.async; with TMA each buffer completes on an mbarrier, and at head dim 128 the
+// steps overlap (no CTA barrier at a step's start: BwdWgmmaConfig::kOverlap). The warpgroups share
+// the dK / dV accumulators (KvSplit) by keys at head dims 64 and 128 (128 keys per CTA, 64 per
+// warpgroup) and by head-dim columns at 256 (64 keys per CTA, 128 columns per warpgroup: 64 keys x
+// 256 columns of both would not fit one warpgroup's registers). Per step and warpgroup:
 //   S^T = K Q^T, dP^T = V dO^T       wgmma, both operands from shared memory (K-major), two
 //                                    groups: P^T's exponentials run while dP^T is in flight
 //                                    (at head dim 256, half the step's query rows each)
@@ -25,6 +27,7 @@
 #pragma once
 
 #include "cuda/flash_bwd_mma.cuh"
+#include "cuda/hopper/tma.cuh"
 #include "cuda/hopper/wgmma_tiles.cuh"
 
 namespace flash {
@@ -41,9 +44,12 @@ enum class KvSplit { kKeys, kCols };
 // atomics, measured 5-8% slower at D = 64.)
 enum class DqSplit { kCols, kRows };
 
-template <int D, int BM_ = (D == 64 ? 128 : 64), int kWarpgroups_ = 2>
+template <int D, int BM_ = (D == 64 ? 128 : 64), int kWarpgroups_ = 2, bool kTmaQdo_ = true, bool kOverlap_ = (D == 128)>
 struct BwdWgmmaConfig {
   static constexpr int kWarpgroups = kWarpgroups_;
+  // Q / dO tiles by TMA where the layout allows (bwd_qdo_tma_maps); false: always cp.async from
+  // every thread (kept as a flash_cuda_tune candidate).
+  static constexpr bool kTmaQdo = kTmaQdo_;
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr KvSplit kKvSplit = D > 128 ? KvSplit::kCols : KvSplit::kKeys;
   static constexpr bool kSplitKeys = kKvSplit == KvSplit::kKeys;
@@ -64,10 +70,18 @@ struct BwdWgmmaConfig {
   static constexpr uint32_t kDsBytes = kBlockN * kBlockM * 2;      // P^T or dS^T, rows = keys
   static constexpr uint32_t kStageBytes = 2 * kQBytes + 2 * kBlockM * 4;  // Q, dO, lse, Di
   static constexpr uint32_t kDqBytes = kDqAtomics ? 0 : kWarpgroups * 64 * 64 * 4;  // float32 dQ blocks
-  // Three steps in flight where they fit an sm90 SM's 227 KB, else two; + 1 KB to align the tiles.
   static constexpr size_t kSmemLimit = 227 * 1024;
-  static constexpr size_t kFixedBytes = 2 * kKVBytes + 2 * kDsBytes + kDqBytes + 1024;
-  static constexpr int kStages = kFixedBytes + 3 * kStageBytes <= kSmemLimit ? 3 : 2;
+  // Overlapped steps (with TMA, where two stages and two P^T / dS^T buffers fit): no CTA barrier at
+  // a step's start, so one warpgroup's S^T / dP^T and exponentials of step m + 1 run while the
+  // other's dQ / dV / dK of step m do; the last warp done with a stage refills it. Default at head
+  // dim 128 (+3-6% kernel alone); it fits at 256 too but measured 25-30% slower there (notes v13).
+  // Otherwise three steps in flight where they fit an sm90 SM's 227 KB, else two; + 1 KB to align
+  // the tiles.
+  static constexpr bool kOverlap =
+      kOverlap_ && kTmaQdo && 2 * kKVBytes + 4 * kDsBytes + kDqBytes + 1024 + 2 * kStageBytes <= kSmemLimit;
+  static constexpr int kDsBuffers = kOverlap ? 2 : 1;
+  static constexpr size_t kFixedBytes = 2 * kKVBytes + 2 * kDsBuffers * kDsBytes + kDqBytes + 1024;
+  static constexpr int kStages = !kOverlap && kFixedBytes + 3 * kStageBytes <= kSmemLimit ? 3 : 2;
   static constexpr size_t kSmemBytes = kFixedBytes + kStages * kStageBytes;
   static_assert(kSmemBytes <= kSmemLimit, "tiles fit the shared memory");
 };
@@ -98,6 +112,14 @@ struct DqBlocked {
   __host__ __device__ int64_t floats() const { return heads_kv * col_blocks * packed_rows * 64; }
 };
 
+// Q and dO as 4-d tensors (head_dim, heads_q, seqlen_q, batch), a box of 64 columns x group heads x
+// box_rows query rows: its 128-byte rows land in packed-row order (query row, then head of the
+// group), BM = group x box_rows packed rows per step. box_rows 0: the cp.async copies.
+struct QdoTmaMaps {
+  CUtensorMap q, dout;
+  int box_rows;
+};
+
 __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t value) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(value) : "memory");
 }
@@ -106,7 +128,8 @@ __device__ __forceinline__ void st_shared_f32x2(uint32_t addr, float x, float y)
 }
 
 template <typename T, int D, typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdArgs args) {
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    bwd_wgmma_kernel(const BwdArgs args, const __grid_constant__ QdoTmaMaps qdo_maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int NT = Cfg::kThreads;
   constexpr int BN = Cfg::kBlockN;
@@ -123,11 +146,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
   const uint32_t sV = sK + Cfg::kKVBytes;
   const uint32_t sQ = sV + Cfg::kKVBytes;             // [kStages]
   const uint32_t sdO = sQ + kStages * Cfg::kQBytes;   // [kStages]
-  const uint32_t sP = sdO + kStages * Cfg::kQBytes;   // P^T of the step: BN key rows x BM query rows
-  const uint32_t sdS = sP + Cfg::kDsBytes;            // dS^T of the step, likewise
-  const uint32_t sRows = sdS + Cfg::kDsBytes;         // [kStages] lse rows, then [kStages] Di rows
+  // [kDsBuffers] {P^T, dS^T} of a step: BN key rows x BM query rows each (overlapped steps
+  // alternate between two).
+  const uint32_t sDs = sdO + kStages * Cfg::kQBytes;
+  const uint32_t sRows = sDs + 2 * Cfg::kDsBuffers * Cfg::kDsBytes;  // [kStages] lse rows, then [kStages] Di rows
   const uint32_t sDq = sRows + 2 * kStages * BM * 4;  // [warpgroups] dQ blocks of the step
   const float* rows_f = reinterpret_cast<const float*>(wgmma_smem + (sRows - smem0));
+  // With TMA, per stage: Q / dO / lse / Di landed (one arrival with the tile bytes from the issuing
+  // thread, one per lse / Di copy as it lands); overlapped steps: warps done with the stage.
+  __shared__ __align__(8) uint64_t stage_full[kStages];
+  __shared__ uint32_t stage_done[kStages];
+  const uint32_t full0 = smem_addr(stage_full);
 
   const FlashBwdParams& p = args.p;
   const ScoreArgs& sa = args.s;
@@ -148,6 +177,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
   const int m_begin = steps.begin, m_end = steps.end;
 
   const int tid = threadIdx.x;
+  const bool tma_qdo = Cfg::kTmaQdo && qdo_maps.box_rows > 0;
+  const bool overlap = Cfg::kOverlap && tma_qdo;  // (the cp.async fallback keeps the step barrier)
+  if (tma_qdo) {
+    if (tid == 0) {
+      for (int st = 0; st < kStages; ++st) {
+        mbar_init(full0 + 8u * st, 1 + 2 * BM);
+        stage_done[st] = 0;
+      }
+      fence_mbar_init();
+    }
+    __syncthreads();
+  }
   const int warp = tid / 32;
   const int lane = tid % 32;
   const int g = lane >> 2;
@@ -168,12 +209,41 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
   // Step mb into its buffers: Q and dO rows (one address per tile when the packed rows are query
   // rows, i.e. without GQA), and lse / Di of each packed row (zeros past the end: those rows have
   // zero Q and dO, so they add nothing).
+  auto stage_of = [&](int mb) { return (mb - m_begin) % kStages; };
+  // Q and dO by TMA from the calling thread: a box per 64-column block, from packed row r0 = query
+  // row r0 / group, head hk * group on (rows past seqlen_q read zero).
+  auto load_qdo_tma = [&](int mb) {
+    const int st = stage_of(mb);
+    const uint32_t full = full0 + 8u * st;
+    mbar_arrive_expect_tx(full, 2 * Cfg::kQBytes);
+#pragma unroll
+    for (int cb = 0; cb < D / 64; ++cb) {
+      tma_load_4d(sQ + st * Cfg::kQBytes + cb * BM * 128, &qdo_maps.q, cb * 64, hk * group, mb * BM / group, b, full);
+      tma_load_4d(sdO + st * Cfg::kQBytes + cb * BM * 128, &qdo_maps.dout, cb * 64, hk * group, mb * BM / group, b, full);
+    }
+  };
+  auto load_rows = [&](int mb) {
+    const int st = stage_of(mb);
+    if (tid < 2 * BM) {
+      const int rr = tid % BM;
+      const int r = mb * BM + rr;
+      const bool ok = r < rows;
+      const int i = ok ? gs.row(r) : 0;
+      const int h = hk * group + (ok ? gs.head(r) : 0);
+      const bool is_lse = tid < BM;
+      const float* src = is_lse ? p.softmax_lse + lse_offset(p, si, b, i, h) : p.workspace + di_offset(p, b, h, i);
+      cp_async4_shared(sRows + ((is_lse ? 0 : kStages) + st) * BM * 4 + rr * 4, src, ok ? 4 : 0);
+      if (tma_qdo) cp_async_mbar_arrive(full0 + 8u * st);
+    }
+  };
   auto load_step = [&](int mb) {
-    const int st = (mb - m_begin) % kStages;
+    const int st = stage_of(mb);
     const int r0 = mb * BM;
     const uint32_t dst_q = sQ + st * Cfg::kQBytes;
     const uint32_t dst_do = sdO + st * Cfg::kQBytes;
-    if (group == 1) {
+    if (tma_qdo) {
+      if (tid == 0) load_qdo_tma(mb);
+    } else if (group == 1) {
       cp_async_rows_sw128<T, D, BM, NT>(
           dst_q, q + q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, r0, hk), p.q_row_stride,
           rows - r0, p.head_dim);
@@ -193,19 +263,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
       cp_async_tile_sw128<T, D, BM, NT>(dst_do, rows_of(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride),
                                         p.head_dim, dout);
     }
-    if (tid < 2 * BM) {
-      const int rr = tid % BM;
-      const int r = r0 + rr;
-      const bool ok = r < rows;
-      const int i = ok ? gs.row(r) : 0;
-      const int h = hk * group + (ok ? gs.head(r) : 0);
-      const bool is_lse = tid < BM;
-      const float* src = is_lse ? p.softmax_lse + lse_offset(p, si, b, i, h) : p.workspace + di_offset(p, b, h, i);
-      cp_async4_shared(sRows + ((is_lse ? 0 : kStages) + st) * BM * 4 + rr * 4, src, ok ? 4 : 0);
-    }
+    load_rows(mb);
   };
 
-  // Prologue groups: {K, V, step m_begin}, then one group per further step, kStages - 1 in all.
+  // Prologue groups: {K, V, step m_begin}, then one group per further step, kStages - 1 in all
+  // (overlapped steps: kStages; with TMA the steps complete on their mbarriers, the groups hold K
+  // and V).
   if (m_begin < m_end) {
     cp_async_rows_sw128<T, D, BN, NT>(
         sK, k + kv_offset(p, p.k_batch_stride, p.k_row_stride, p.k_head_stride, si, b, j0, hk), p.k_row_stride,
@@ -216,7 +279,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
     load_step(m_begin);
     cp_async_commit();
 #pragma unroll
-    for (int t = 1; t < kStages - 1; ++t) {
+    for (int t = 1; t < kStages; ++t) {
+      if (t == kStages - 1 && !overlap) break;
       if (m_begin + t < m_end) load_step(m_begin + t);
       cp_async_commit();
     }
@@ -244,9 +308,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
     const int st = (mb - m_begin) % kStages;
     const uint32_t cQ = sQ + st * Cfg::kQBytes;
     const uint32_t cdO = sdO + st * Cfg::kQBytes;
-    cp_async_wait_group<kStages - 2>();
+    const uint32_t cP = sDs + (overlap ? (mb - m_begin) % 2 : 0) * 2 * Cfg::kDsBytes;  // P^T, then dS^T
+    const uint32_t cdS = cP + Cfg::kDsBytes;
+    if (tma_qdo) {
+      if (mb == m_begin) cp_async_wait_all();  // K and V
+      mbar_wait(full0 + 8u * st, ((mb - m_begin) / kStages) & 1);
+    } else {
+      cp_async_wait_group<kStages - 2>();
+    }
     fence_proxy_async();
-    __syncthreads();  // step mb landed; every thread is done with step mb - 1 and its buffers
+    // Step mb landed; every thread is done with step mb - 1 and its buffers. Overlapped steps need
+    // this only for K and V: step mb's P^T / dS^T buffer was last read in step mb - 2, which every
+    // thread finished before step mb - 1's barrier.
+    if (!overlap || mb == m_begin) __syncthreads();
 
     // S^T = K Q^T, then dP^T = V dO^T in a group of its own: P's exponentials run while it is in flight.
     float s[kSRows / 2], dp[kSRows / 2];
@@ -256,8 +330,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
     wgmma_ss_k_major<T, kSRows, D>(dp, sV_wg, BN, cdO + s_row0 * 128, BM);
     wgmma_commit();
     // The copies' address math runs while the tensor cores work: step mb + kStages - 1 into the
-    // buffers of step mb - 1.
-    if (mb + kStages - 1 < m_end) load_step(mb + kStages - 1);
+    // buffers of step mb - 1 (overlapped steps refill later, below).
+    if (!overlap && mb + kStages - 1 < m_end) load_step(mb + kStages - 1);
     cp_async_commit();
     wgmma_wait<1>();  // S^T done
     pin_registers(s);
@@ -308,7 +382,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
         }
       }
     };
-    store_transposed(sP, s);
+    store_transposed(cP, s);
     wgmma_wait<0>();  // dP^T done
     pin_registers(dp);
     // dS^T into dp.
@@ -319,9 +393,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
 #pragma unroll
       for (int c = 0; c < 4; ++c) dp[4 * t + c] = s[4 * t + c] * fmaf(dp[4 * t + c], scale, -di_scaled[c & 1]);
     }
-    store_transposed(sdS, dp);
+    store_transposed(cdS, dp);
     fence_proxy_async();
     __syncthreads();  // P^T and dS^T of every warpgroup written
+    // Overlapped steps: every thread is past step mb's lse / Di, refill them for step mb + kStages.
+    if (overlap && mb + kStages < m_end) load_rows(mb + kStages);
 
     // dQ (64 x kDqCols block) = dS K: A = dS^T (MN-major: column block = 64 query rows), B = K
     // (MN-major: column block = 64 head-dim columns); K-step kk covers keys key0 .. key0 + 15.
@@ -330,7 +406,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       const uint32_t key0 = kk * 16;
-      Wgmma<T, kDqCols>::template ss<1, 1>(dq, sw128_desc(sdS + (dq_row0 / 64) * BN * 128 + key0 * 128, BN * 128),
+      Wgmma<T, kDqCols>::template ss<1, 1>(dq, sw128_desc(cdS + (dq_row0 / 64) * BN * 128 + key0 * 128, BN * 128),
                                            sw128_desc(sK + (dq_col0 / 64) * BN * 128 + key0 * 128, BN * 128), kk > 0);
     }
     wgmma_commit();
@@ -345,12 +421,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) {
       const uint32_t a = (kk / 4) * BN * 128 + wg_key0 * 128 + (kk % 4) * 32;
-      Wgmma<T, kKvCols>::template ss<0, 1>(dv, sw128_desc(sP + a, 16), sw128_desc(cdO + b_col + kk * 16 * 128, BM * 128), 1);
+      Wgmma<T, kKvCols>::template ss<0, 1>(dv, sw128_desc(cP + a, 16), sw128_desc(cdO + b_col + kk * 16 * 128, BM * 128), 1);
     }
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) {
       const uint32_t a = (kk / 4) * BN * 128 + wg_key0 * 128 + (kk % 4) * 32;
-      Wgmma<T, kKvCols>::template ss<0, 1>(dk, sw128_desc(sdS + a, 16), sw128_desc(cQ + b_col + kk * 16 * 128, BM * 128), 1);
+      Wgmma<T, kKvCols>::template ss<0, 1>(dk, sw128_desc(cdS + a, 16), sw128_desc(cQ + b_col + kk * 16 * 128, BM * 128), 1);
     }
     wgmma_commit();
     wgmma_wait<1>();  // dQ done
@@ -397,6 +473,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) bwd_wgmma_kernel(const BwdAr
     wgmma_wait<0>();  // dV, dK done: P^T, dS^T and the step's buffers are free
     pin_registers(dv);
     pin_registers(dk);
+    // Overlapped steps: the last warp done with the stage's Q / dO refills it for step mb + kStages.
+    if (overlap && mb + kStages < m_end && lane == 0) {
+      __threadfence_block();
+      if (atomicAdd(&stage_done[st], 1u) % (NT / 32) == NT / 32 - 1) load_qdo_tma(mb + kStages);
+    }
   }
   if (!Cfg::kDqAtomics && lane == 0) bulk_wait<0>();  // shared memory stays until the last reduction has read it
   cp_async_wait_all();
@@ -442,6 +523,28 @@ __global__ void __launch_bounds__(kThreads) dq_convert_blocked_kernel(const BwdA
   }
 }
 
+// The Q and dO maps where a step's packed rows are whole query rows of one batch entry's dense
+// tensor: not varlen (rows past a sequence would be the next one's, not zeros), the group dividing
+// BM, the head dim reaching the bucket's last 64-column block (no box wholly past the columns);
+// box_rows 0 (the cp.async copies) otherwise or where the maps cannot be made.
+template <typename T, typename Cfg>
+QdoTmaMaps bwd_qdo_tma_maps(const FlashBwdParams& p, int group, int bucket) {
+  QdoTmaMaps maps{};
+  if (!Cfg::kTmaQdo || p.cu_seqlens_q != nullptr || Cfg::kBlockM % group != 0 || (p.head_dim + 63) / 64 != bucket / 64)
+    return maps;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(p.heads_q),
+                              static_cast<cuuint64_t>(p.seqlen_q), static_cast<cuuint64_t>(p.batch)};
+  // (A batch stride of 0, one batch entry, is never stepped: any multiple of 16 bytes will do.)
+  auto make = [&](CUtensorMap& map, const void* base, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
+    const int64_t strides[3] = {head_stride, row_stride, batch_stride > 0 ? batch_stride : row_stride};
+    return encode_tma_4d<T>(map, base, dims, strides, group, Cfg::kBlockM / group);
+  };
+  if (make(maps.q, p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
+      make(maps.dout, p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride))
+    maps.box_rows = Cfg::kBlockM / group;
+  return maps;
+}
+
 // Zero the accumulator, run the kernel (one CTA per BN keys, KV head and batch), convert dQ.
 template <typename T, int D, typename Cfg>
 void launch_bwd_wgmma_config(const BwdArgs& args, cudaStream_t stream) {
@@ -449,9 +552,10 @@ void launch_bwd_wgmma_config(const BwdArgs& args, cudaStream_t stream) {
   set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute(bwd_wgmma_kernel)");
   const FlashBwdParams& p = args.p;
   const DqBlocked layout(p, args.s.group);
+  const QdoTmaMaps qdo_maps = bwd_qdo_tma_maps<T, Cfg>(p, args.s.group, D);
   check_cuda(cudaMemsetAsync(dq_accum(p), 0, layout.floats() * sizeof(float), stream), "cudaMemsetAsync(dq_accum)");
   if (p.seqlen_k > 0) {
-    kernel<<<dim3(ceil_div(p.seqlen_k, Cfg::kBlockN), p.heads_kv, p.batch), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
+    kernel<<<dim3(ceil_div(p.seqlen_k, Cfg::kBlockN), p.heads_kv, p.batch), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args, qdo_maps);
     check_launch("bwd_wgmma_kernel launch");
   }
   if (p.seqlen_q > 0) {

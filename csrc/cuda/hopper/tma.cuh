@@ -1,7 +1,7 @@
-// TMA tensor copies (sm90a) of K and V tiles into 128-byte swizzled shared memory, shared by the
-// Hopper forward and decode kernels: one thread issues cp.async.bulk.tensor for a whole 128-byte
-// column block of key rows, the swizzle applied on the way, completing on an mbarrier that counts
-// its bytes.
+// TMA tensor copies (sm90a) of K and V tiles (the backward: Q and dO) into 128-byte swizzled shared
+// memory, shared by the Hopper kernels: one thread issues cp.async.bulk.tensor for a whole 128-byte
+// column block of a tile's rows, the swizzle applied on the way, completing on an mbarrier that
+// counts its bytes.
 //
 // K and V are described to the copy engine as 4-d tensors (head_dim, rows, heads_kv, units): a unit
 // is a page (paged KV) or a cache batch row; rows past a unit's end read zero.
@@ -64,16 +64,18 @@ inline TmaEncodeFn tma_encoder() {
 }
 
 // A 4-d tensor of T (dims innermost first, strides of dims 1..3 in elements) read in boxes of
-// 128 bytes x box_rows in the 128-byte swizzle; false where the encoder is missing or refuses it
-// (addresses or strides not multiples of 16 bytes).
+// 128 bytes x box_rows (x box_dim2) in the 128-byte swizzle, the box's rows of dims 1 and 2 landing
+// as consecutive 128-byte rows; false where the encoder is missing or refuses it (addresses or
+// strides not multiples of 16 bytes).
 template <typename T>
 bool encode_tma_4d(CUtensorMap& map, const void* base, const cuuint64_t (&dims)[4], const int64_t (&strides)[3],
-                   int box_rows) {
+                   int box_rows, int box_dim2 = 1) {
   const TmaEncodeFn encode = tma_encoder();
   if (encode == nullptr) return false;
   const cuuint64_t bytes[3] = {static_cast<cuuint64_t>(strides[0]) * sizeof(T), static_cast<cuuint64_t>(strides[1]) * sizeof(T),
                                static_cast<cuuint64_t>(strides[2]) * sizeof(T)};
-  const cuuint32_t box[4] = {static_cast<cuuint32_t>(128 / sizeof(T)), static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(128 / sizeof(T)), static_cast<cuuint32_t>(box_rows),
+                             static_cast<cuuint32_t>(box_dim2), 1};
   const cuuint32_t steps[4] = {1, 1, 1, 1};
   const CUtensorMapDataType type = sizeof(T) == 1                      ? CU_TENSOR_MAP_DATA_TYPE_UINT8
                                    : std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16

@@ -209,6 +209,11 @@ int main() {
       {"wgmma bm128 rows", 64, launch_bwd_wgmma_config<T, 64, BwdWgmmaConfig<64, 128>>},
       {"wgmma bm64 cols", 128, launch_bwd_wgmma_config<T, 128, BwdWgmmaConfig<128, 64>>},
       {"wgmma bm64 kv-cols", 256, launch_bwd_wgmma_config<T, 256, BwdWgmmaConfig<256, 64>>},
+      {"wgmma cp.async Q/dO", 64, launch_bwd_wgmma_config<T, 64, BwdWgmmaConfig<64, 128, 2, false>>},
+      {"wgmma tma, step barrier", 128, launch_bwd_wgmma_config<T, 128, BwdWgmmaConfig<128, 64, 2, true, false>>},
+      {"wgmma cp.async Q/dO", 128, launch_bwd_wgmma_config<T, 128, BwdWgmmaConfig<128, 64, 2, false>>},
+      {"wgmma tma, overlapped steps", 256, launch_bwd_wgmma_config<T, 256, BwdWgmmaConfig<256, 64, 2, true, true>>},
+      {"wgmma cp.async Q/dO", 256, launch_bwd_wgmma_config<T, 256, BwdWgmmaConfig<256, 64, 2, false>>},
   };
   const int tokens = 16384, hidden = 2048;
   std::mt19937 rng(0);
