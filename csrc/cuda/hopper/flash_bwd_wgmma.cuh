@@ -210,8 +210,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // rows, i.e. without GQA), and lse / Di of each packed row (zeros past the end: those rows have
   // zero Q and dO, so they add nothing).
   auto stage_of = [&](int mb) { return (mb - m_begin) % kStages; };
-  // Q and dO by TMA from the calling thread: a box per 64-column block, from packed row r0 = query
-  // row r0 / group, head hk * group on (rows past seqlen_q read zero).
+  // Q and dO by TMA from the calling thread: a box per 64-column block, from packed row mb BM, i.e.
+  // query row mb BM / group of head hk * group (rows past seqlen_q read zero).
   auto load_qdo_tma = [&](int mb) {
     const int st = stage_of(mb);
     const uint32_t full = full0 + 8u * st;
