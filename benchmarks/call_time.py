@@ -8,6 +8,7 @@ build in build/ (`flash-attn-kernel build`).
   usage: python3 benchmarks/call_time.py --op decode
          python3 benchmarks/call_time.py --op fwd --hdim 128 --seqlens 2048,16384 --causal
          python3 benchmarks/call_time.py --op bwd --seqlens 2048 --first-launch
+         python3 benchmarks/call_time.py --op bwd --hdim 64 --kernels
 """
 
 import argparse
@@ -59,14 +60,19 @@ def queued_us(step, n: int) -> float:
     return statistics.median(times)
 
 
-def device_us(step, n: int) -> float:
+def device_us(step, n: int, kernels: list | None = None) -> float:
+    """Device time of one call's kernels (and copies / memsets), run back to back; with `kernels`,
+    appends (name, us per call) for each of them, longest first."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             step()
         torch.cuda.synchronize()
-    return sum(e.device_time_total for e in prof.key_averages()) / n
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    if kernels is not None:
+        kernels.extend(sorted(((e.key, e.device_time_total / n) for e in events), key=lambda x: -x[1]))
+    return sum(e.device_time_total for e in events) / n
 
 
 def first_launch(step, limit: int = 80) -> None:
@@ -114,6 +120,7 @@ def main() -> None:
     parser.add_argument("--page", type=int, default=256, help="decode: page size")
     parser.add_argument("--first-launch", action="store_true",
                         help="instead of the timings: the host events of one call before its first kernel")
+    parser.add_argument("--kernels", action="store_true", help="after each row: its kernels' device time per call")
     args = parser.parse_args()
     kernel = bench._load_kernel(Path.cwd(), "cuda")
     impls = bench.implementations(kernel, "cuda", args.op, "ours", ["sdpa-cudnn", "sdpa-flash"])
@@ -127,8 +134,11 @@ def main() -> None:
                 print(f"{where} {name}")
                 first_launch(step)
                 continue
+            kernels = [] if args.kernels else None
             print(f"{where:40} {name:11} {host_us(step, 30):9.1f} {event_us(step, 30):10.1f} {queued_us(step, 30):10.1f} "
-                  f"{device_us(step, 10):10.1f}", flush=True)
+                  f"{device_us(step, 10, kernels):10.1f}", flush=True)
+            for kernel_name, us in kernels or []:
+                print(f"    {us:10.1f}  {kernel_name[:110]}")
 
 
 if __name__ == "__main__":

@@ -47,13 +47,16 @@ def kind_of(doc: dict) -> str | None:
     return None
 
 
-def newest(results: Path, kind: str) -> tuple[Path, dict] | None:
-    """The newest results file of `kind`; for attention runs, a GPU run wins over a CPU run."""
+def newest(results: Path, kind: str, op: str | None = None) -> tuple[Path, dict] | None:
+    """The newest results file of `kind` (with `op`: holding a record of that op); for attention runs,
+    a GPU run wins over a CPU run."""
     found = []
     for path in sorted(results.glob("*.json")) if results.is_dir() else []:
         try:
             doc = json.loads(path.read_text())
         except ValueError:
+            continue
+        if op is not None and not any(r.get("op") == op for r in doc.get("records", []) if isinstance(r, dict)):
             continue
         if isinstance(doc, dict) and kind_of(doc) == kind and (doc.get("records") or doc.get("summary")):
             found.append((bool(doc.get("cuda")) if kind == "attention" else True, str(doc.get("date", "")), path, doc))
@@ -150,6 +153,7 @@ def render(project: Path, page_dir: Path) -> str:
     """The whole page from whatever results exist under `project`/benchmarks/results."""
     results = project / RESULTS
     attention = newest(results, "attention")
+    decode = newest(results, "attention", op="decode")  # a run without decode points keeps the last one's
     train = newest(results, "train-loop")
     build = newest(results, "build-vs-hub")
     parts = [
@@ -172,7 +176,7 @@ def render(project: Path, page_dir: Path) -> str:
         "## Comparing attention implementations",
         "",
     ]
-    parts += _attention_section(attention, project, page_dir)
+    parts += _attention_section(attention, decode, project, page_dir)
     parts += ["", "## Benchmarking a build from source against the Hub kernel", ""]
     parts += _build_section(build, project)
     parts += ["", "### Speed-ups in a training loop, and memory savings", ""]
@@ -191,11 +195,12 @@ def render(project: Path, page_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def _attention_section(found, project: Path, page_dir: Path) -> list[str]:
+def _attention_section(found, decode_found, project: Path, page_dir: Path) -> list[str]:
     if not found:
         return ["_Not measured yet_: no attention results file (`flash-attn-kernel bench`) under "
                 "`benchmarks/results/`."]
     path, doc = found
+    decode_path, decode_doc = decode_found or found
     out = [_source_line(doc, path, project), ""]
     cmds = doc.get("commands") or [doc.get("command")]
     out += ["Produced by:", "", "```bash", *cmds, "```", ""]
@@ -205,7 +210,7 @@ def _attention_section(found, project: Path, page_dir: Path) -> list[str]:
     if doc.get("timing"):
         out += [f"Timing: {doc['timing']}. FLOPs: forward 4·b·s_q·s_k·h·d, halved for causal; backward 2.5x forward.",
                 ""]
-    out += _in_short(doc)
+    out += _in_short(doc, decode_doc)
     out += ["### Throughput", ""]
     table = headline_table(doc)
     out += [table or "_No forward/backward points in this run._", ""]
@@ -222,9 +227,12 @@ def _attention_section(found, project: Path, page_dir: Path) -> list[str]:
             out += [f"![{key}]({_rel(plot, page_dir)})", ""]
     out += ["### Latency", ""]
     out += _latency_table(doc)
-    decode = [r for r in doc.get("records", []) if r.get("op") == "decode"]
+    decode = [r for r in decode_doc.get("records", []) if r.get("op") == "decode"]
     if decode:
         d = decode[0]
+        if decode_path != path:
+            out += ["", f"Decode from an earlier run, the newest with decode points: "
+                        f"`{decode_path.relative_to(project).as_posix()}` ({decode_doc.get('date', '')[:10]})."]
         out += ["", f"Decode latency (one new token per sequence; batch {d['batch']}, cache {d['seqlen_k']}, heads "
                     f"{d['heads_q']}:{d['heads_kv']}, head dim {d['hdim']}). This kernel reads a paged cache through "
                     f"`flash_attn_with_kvcache` with a `block_table` (page {d.get('page_size')}); SDPA reads the same "
@@ -232,8 +240,9 @@ def _attention_section(found, project: Path, page_dir: Path) -> list[str]:
                 "| dtype | implementation | µs | GB/s |", "|---|---|---:|---:|"]
         out += [f"| {r['dtype']} | {r['impl']} | {r['ms'] * 1e3:.0f} | {r['gbps']:.0f} |" if r.get("ms") else
                 f"| {r['dtype']} | {r['impl']} | — ({(r.get('error') or '')[:80]}) | — |" for r in decode]
-        if plots.get("decode") and plots["decode"].is_file():
-            out += ["", f"![decode]({_rel(plots['decode'], page_dir)})"]
+        decode_plot = bench.plot_paths(decode_path, decode_doc).get("decode")
+        if decode_plot and decode_plot.is_file():
+            out += ["", f"![decode]({_rel(decode_plot, page_dir)})"]
         out.append("")
     out += ["### Memory", "", f"Peak memory: {doc.get('memory_method', 'not recorded')}.", ""]
     out += _memory_table(doc)
@@ -250,8 +259,8 @@ def _attention_section(found, project: Path, page_dir: Path) -> list[str]:
     return out
 
 
-def _in_short(doc: dict) -> list[str]:
-    """The fastest implementation per op and the decode winner, over the headline points, in words."""
+def _in_short(doc: dict, decode_doc: dict) -> list[str]:
+    """The fastest implementation per op and the decode winner (from `decode_doc`), over the headline points, in words."""
     rows = [r for r in headline_records(doc) if r.get("tflops")]
     lines = []
     for op in ("fwd", "bwd"):
@@ -264,7 +273,7 @@ def _in_short(doc: dict) -> list[str]:
             lines.append(f"- **{'Forward' if op == 'fwd' else 'Backward'}** (training shapes, seqlen >= 2048): fastest "
                          f"is `{ranked[0]}` ({statistics.median(per_impl[ranked[0]]):.0f} TFLOP/s median), then " +
                          ", ".join(f"`{n}` ({statistics.median(per_impl[n]):.0f})" for n in ranked[1:]) + ".")
-    decode = sorted((r for r in doc.get("records", []) if r.get("op") == "decode" and r.get("ms")),
+    decode = sorted((r for r in decode_doc.get("records", []) if r.get("op") == "decode" and r.get("ms")),
                     key=lambda r: r["ms"])
     if decode:
         d = decode[0]

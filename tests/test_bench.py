@@ -206,6 +206,23 @@ def test_comparison_page_from_results(tmp_path: Path):
     assert "bash ci/gpu-bench.sh" in page and "flash-attn-kernel bench --name fixture" in page
 
 
+def test_comparison_page_keeps_the_last_decode_run(tmp_path: Path):
+    # A newer run of the training shapes alone (no decode points) leads the page; decode comes from
+    # the newest run that measured it, named as such.
+    newer = attention_run(date="2026-11-27T10:00:00+00:00")
+    newer["records"] = [r for r in newer["records"] if r["op"] != "decode"]
+    for r in newer["records"]:
+        if r["impl"] == "flash-attn-kernel[sm90]" and r["tflops"]:
+            r["tflops"] *= 2
+    write_results(tmp_path, **{"h100-a": attention_run(), "h100-b": newer})
+    page = comparison.render(tmp_path, tmp_path / "docs")
+    assert "Results file: `benchmarks/results/h100-b.json`" in page
+    assert "| fwd | no | 2048 | 660 |" in page
+    assert "| bf16 | flash-attn-kernel[sm90] | 700 | 3034 |" in page
+    assert "the newest with decode points: `benchmarks/results/h100-a.json` (2026-11-26)" in page
+    assert "fastest is `flash-attn-kernel[sm90]` at 700 µs per step" in page
+
+
 def test_comparison_page_without_results(tmp_path: Path):
     page = comparison.render(tmp_path, tmp_path / "docs")
     assert page.count("_Not measured yet_") == 3

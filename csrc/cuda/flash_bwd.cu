@@ -1,5 +1,6 @@
 // Backward attention for the portable CUDA path:
-//   1. dot_do_o_kernel   Di = rowsum(dO_i * O_i) per (b, h, i), float32 in the workspace.
+//   1. dot_do_o_kernel   Di = rowsum(dO_i * O_i) per (b, h, i), float32 in the workspace; zeroes
+//                        the float32 dQ accumulator of the fused kernels (3, 4) in the same pass.
 //   2. dsinks_kernel     dsink_h = -sum_{b,i} exp(sink_h - lse_i) * Di, one CTA per head, fixed order.
 //   3. on sm90, the Hopper kernel (hopper/flash_bwd_wgmma.cuh) for the calls it takes
 //      (hopper_bwd_supported): one wgmma pass per key block that adds dQ into a float32
@@ -54,28 +55,52 @@ BwdKernel choose_bwd_kernel(const FlashBwdParams& p) {
   return mma ? BwdKernel::kMma : BwdKernel::kSimt;
 }
 
+// Lanes per row of dot_do_o_kernel: one 16-byte chunk (8 elements) each, the row's chunk count
+// rounded up to a power of two, at most a warp.
+__host__ __device__ inline int di_lanes(int head_dim) {
+  int lanes = 1;
+  while (lanes < 32 && lanes * 8 < head_dim) lanes *= 2;
+  return lanes;
+}
+
+// Di for 32 / di_lanes rows per warp, by 16-byte loads (a warp per row of 4-byte loads left a
+// head-dim-64 call at a third of the copy bandwidth); and, in the same pass, zeroes the fused
+// backward's float32 dQ accumulator: `zero4` 16-byte chunks from `zero`, an even share per CTA.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) dot_do_o_kernel(const BwdArgs args) {
+__global__ void __launch_bounds__(kThreads) dot_do_o_kernel(const BwdArgs args, float4* zero, int64_t zero4) {
+  const int64_t ctas = static_cast<int64_t>(gridDim.x) * gridDim.y * gridDim.z;
+  const int64_t cta = (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+  const int64_t share = (zero4 + ctas - 1) / ctas;
+  const int64_t zero_end = min(zero4, (cta + 1) * share);
+  for (int64_t c = cta * share + threadIdx.x; c < zero_end; c += kThreads) zero[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+
   const FlashBwdParams& p = args.p;
   const int b = blockIdx.z;
   const int h = blockIdx.y;
-  const int i = blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
+  const int lanes = di_lanes(p.head_dim);
   const int lane = threadIdx.x % 32;
+  const int i = (blockIdx.x * (kThreads / 32) + threadIdx.x / 32) * (32 / lanes) + lane / lanes;
   const SeqInfo si = seq_info(p, b);
-  if (i >= si.sq) return;
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const T* o = static_cast<const T*>(p.out) + q_offset(varlen, p.o_batch_stride, p.o_row_stride, p.o_head_stride, si, b, i, h);
-  const T* dout =
-      static_cast<const T*>(p.dout) + q_offset(varlen, p.do_batch_stride, p.do_row_stride, p.do_head_stride, si, b, i, h);
+  const bool ok = i < si.sq;
   float sum = 0.f;
-  for (int d = 2 * lane; d < p.head_dim; d += 64) {
-    const float2 a = unpack2<T>(*reinterpret_cast<const uint32_t*>(o + d));
-    const float2 g = unpack2<T>(*reinterpret_cast<const uint32_t*>(dout + d));
-    sum = fmaf(a.x, g.x, fmaf(a.y, g.y, sum));
-  }
+  if (ok) {
+    const bool varlen = p.cu_seqlens_q != nullptr;
+    const T* o = static_cast<const T*>(p.out) + q_offset(varlen, p.o_batch_stride, p.o_row_stride, p.o_head_stride, si, b, i, h);
+    const T* dout =
+        static_cast<const T*>(p.dout) + q_offset(varlen, p.do_batch_stride, p.do_row_stride, p.do_head_stride, si, b, i, h);
+    for (int d = 8 * (lane % lanes); d < p.head_dim; d += 8 * lanes) {
+      const uint4 a = *reinterpret_cast<const uint4*>(o + d);
+      const uint4 g = *reinterpret_cast<const uint4*>(dout + d);
+      const uint32_t aw[4] = {a.x, a.y, a.z, a.w}, gw[4] = {g.x, g.y, g.z, g.w};
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, off);
-  if (lane == 0) p.workspace[di_offset(p, b, h, i)] = sum;
+      for (int w = 0; w < 4; ++w) {
+        const float2 x = unpack2<T>(aw[w]), y = unpack2<T>(gw[w]);
+        sum = fmaf(x.x, y.x, fmaf(x.y, y.y, sum));
+      }
+    }
+  }
+  for (int off = lanes / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, off);
+  if (ok && lane % lanes == 0) p.workspace[di_offset(p, b, h, i)] = sum;
 }
 
 // dsinks[h] (overwritten, not accumulated). Each thread sums a fixed subset of rows in a fixed
@@ -377,16 +402,21 @@ template <typename T, int D>
 void launch_bwd(const BwdArgs& args, cudaStream_t stream) {
   const FlashBwdParams& p = args.p;
   // With seqlen_q == 0 only the dK/dV kernel (zero gradients) and the sink kernel (zero) run.
+  const BwdKernel kernel = choose_bwd_kernel(p);
   if (p.seqlen_q > 0) {
-    const dim3 grid(ceil_div(p.seqlen_q, kThreads / 32), p.heads_q, p.batch);
-    dot_do_o_kernel<T><<<grid, kThreads, 0, stream>>>(args);
+    // The fused tensor-core kernels add dQ into a float32 accumulator that starts at zero.
+    const bool accum = kernel != BwdKernel::kSimt && bwd_fused_dq(p);
+    const int rows = (kThreads / 32) * (32 / di_lanes(p.head_dim));
+    const dim3 grid(ceil_div(p.seqlen_q, rows), p.heads_q, p.batch);
+    dot_do_o_kernel<T><<<grid, kThreads, 0, stream>>>(args, accum ? reinterpret_cast<float4*>(dq_accum(p)) : nullptr,
+                                                      accum ? dq_accum_floats(p) / 4 : 0);
     check_launch("dot_do_o_kernel launch");
   }
   if (p.sinks != nullptr && p.dsinks != nullptr) {
     dsinks_kernel<<<p.heads_q, 256, 0, stream>>>(args);
     check_launch("dsinks_kernel launch");
   }
-  switch (choose_bwd_kernel(p)) {
+  switch (kernel) {
     case BwdKernel::kWgmma:  // head dims 33..256 (hopper_bwd_supported), at the next tile width
       if (p.head_dim <= 64) {
         launch_bwd_wgmma<T, 64>(args, stream);

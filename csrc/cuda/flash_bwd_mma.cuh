@@ -503,13 +503,11 @@ __global__ void __launch_bounds__(kThreads) dq_convert_kernel(const BwdArgs args
 }
 
 // The fused backward around its dK/dV kernel (which adds dQ into the float32 accumulator, key_ctas
-// CTAs per (KV head, batch)): zero the accumulator, run the kernel, convert dQ.
+// CTAs per (KV head, batch); dot_do_o_kernel has zeroed it): run the kernel, convert dQ.
 template <typename T, typename Kernel>
 void launch_fused_bwd(const BwdArgs& args, Kernel kernel, int key_ctas, int threads, size_t smem, const char* name,
                       cudaStream_t stream) {
   const FlashBwdParams& p = args.p;
-  const size_t accum_bytes = static_cast<size_t>(dq_accum_q_rows(p)) * p.heads_q * p.head_dim * sizeof(float);
-  check_cuda(cudaMemsetAsync(dq_accum(p), 0, accum_bytes, stream), "cudaMemsetAsync(dq_accum)");
   if (p.seqlen_k > 0) {
     const dim3 grid(key_ctas, p.heads_kv, p.batch);
     kernel<<<grid, threads, smem, stream>>>(args);

@@ -182,7 +182,7 @@ __device__ __forceinline__ int64_t di_offset(const FlashFwdParams& p, int b, int
 
 // float32 dQ accumulator of the fused backwards, after Di in the workspace. The sm80-class kernel
 // (flash_bwd_mma.cuh) lays it out (q row, head, head_dim) with q row = b * seqlen_q + i, or the
-// varlen row; the Hopper kernel in 64-column blocks (flash_bwd_wgmma.cuh). Each zeroes its part.
+// varlen row; the Hopper kernel in 64-column blocks (flash_bwd_wgmma.cuh). dot_do_o_kernel zeroes it.
 __host__ __device__ inline int64_t di_floats(const FlashBwdParams& p) {
   return (static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q + 3) / 4 * 4;  // keeps dQ 16-byte aligned
 }

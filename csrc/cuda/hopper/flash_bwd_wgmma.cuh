@@ -2,7 +2,7 @@
 // two warpgroups per (key block, KV head, batch); K and V stay in shared memory while the CTA walks
 // the packed query rows that see its keys, BM per step, through a ring of Q / dO / lse / Di buffers.
 // Q and dO of dense (not varlen) layouts come by TMA from one thread (tma.cuh), lse / Di and every
-// other layout by cp.async; with TMA each buffer completes on an mbarrier, and at head dim 128 the
+// other layout by cp.async; with TMA each buffer completes on an mbarrier, and at head dim 64 the
 // steps overlap (no CTA barrier at a step's start: BwdWgmmaConfig::kOverlap). The warpgroups share
 // the dK / dV accumulators (KvSplit) by keys at head dims 64 and 128 (128 keys per CTA, 64 per
 // warpgroup) and by head-dim columns at 256 (64 keys per CTA, 128 columns per warpgroup: 64 keys x
@@ -11,14 +11,16 @@
 //                                    groups: P^T's exponentials run while dP^T is in flight
 //                                    (at head dim 256, half the step's query rows each)
 //   P^T = 2^(S^T scale log2e - lse log2e), dS^T = P^T (dP^T - Di) scale   in registers
-//   P^T, dS^T -> shared memory       (so that no A operand holds registers while products run)
+//   dV += P^T dO, dK += dS^T Q       wgmma, A = P^T / dS^T from registers (kRsDkv: head dims 64
+//                                    and 128), issued as each is ready, so that they run under
+//                                    dS^T's arithmetic and the CTA barrier; at 256 from shared
+//                                    memory after dQ, K-major; dO / Q MN-major
+//   dS^T -> shared memory, CTA barrier (dQ reads both warpgroups' keys)
 //   dQ  = dS K                       wgmma, dS^T and K MN-major, one block per warpgroup (DqSplit)
-//                                    into the float32 workspace (DqBlocked) while dV / dK run:
-//                                    64 x 64 through shared memory and one bulk reduction per
-//                                    warp, or (head dim 256, no shared memory left for it)
-//                                    64 x 128 by 8-byte atomics; dq_convert_blocked_kernel then
-//                                    writes dq
-//   dV += P^T dO, dK += dS^T Q       wgmma, P^T / dS^T K-major, dO / Q MN-major
+//                                    into the float32 workspace (DqBlocked): 64 x 64 through
+//                                    shared memory and one bulk reduction per warp, or (head dim
+//                                    256, no shared memory left for it) 64 x 128 by 8-byte
+//                                    atomics; dq_convert_blocked_kernel then writes dq
 //
 // Calls it takes (hopper_bwd_supported, flash_bwd.cu): head dims 33..256 (run at 64, 128 or 256,
 // the columns past head_dim zero), not deterministic, no dropout, softcap or ALiBi, softmax_scale
@@ -44,7 +46,8 @@ enum class KvSplit { kKeys, kCols };
 // atomics, measured 5-8% slower at D = 64.)
 enum class DqSplit { kCols, kRows };
 
-template <int D, int BM_ = (D == 64 ? 128 : 64), int kWarpgroups_ = 2, bool kTmaQdo_ = true, bool kOverlap_ = (D == 128)>
+template <int D, int BM_ = (D == 64 ? 128 : 64), int kWarpgroups_ = 2, bool kTmaQdo_ = true, bool kOverlap_ = (D == 64),
+          bool kRsDkv_ = true>
 struct BwdWgmmaConfig {
   static constexpr int kWarpgroups = kWarpgroups_;
   // Q / dO tiles by TMA where the layout allows (bwd_qdo_tma_maps); false: always cp.async from
@@ -65,23 +68,30 @@ struct BwdWgmmaConfig {
   // dQ reaches the workspace through shared memory and bulk reductions where a 64 x 64 block per
   // warpgroup fits beside the tiles, else by atomics from registers.
   static constexpr bool kDqAtomics = kDqCols > 64;
+  // dV += P^T dO and dK += dS^T Q with A from registers (the warpgroup's own S^T / dP^T
+  // accumulators packed to 16 bits) where a warpgroup owns whole key rows (kKeys): P^T never goes
+  // to shared memory, and both products are issued before the step's CTA barrier, so they run while
+  // it waits. Under kCols a warpgroup holds half of P^T's query rows: both come from shared memory.
+  static constexpr bool kRsDkv = kRsDkv_ && kSplitKeys;
+  static constexpr int kDsTiles = kRsDkv ? 1 : 2;                  // dS^T (and P^T) per buffer
   static constexpr uint32_t kKVBytes = kBlockN * D * 2;            // the K or the V tile
   static constexpr uint32_t kQBytes = kBlockM * D * 2;             // one Q or dO tile
   static constexpr uint32_t kDsBytes = kBlockN * kBlockM * 2;      // P^T or dS^T, rows = keys
   static constexpr uint32_t kStageBytes = 2 * kQBytes + 2 * kBlockM * 4;  // Q, dO, lse, Di
   static constexpr uint32_t kDqBytes = kDqAtomics ? 0 : kWarpgroups * 64 * 64 * 4;  // float32 dQ blocks
   static constexpr size_t kSmemLimit = 227 * 1024;
-  // Overlapped steps (with TMA, where two stages and two P^T / dS^T buffers fit): no CTA barrier at
-  // a step's start, so one warpgroup's S^T / dP^T and exponentials of step m + 1 run while the
-  // other's dQ / dV / dK of step m do; the last warp done with a stage refills it. Default at head
-  // dim 128 (+3-6% kernel alone); it fits at 256 too but measured 25-30% slower there (notes v13).
-  // Otherwise three steps in flight where they fit an sm90 SM's 227 KB, else two; + 1 KB to align
-  // the tiles.
+  // Overlapped steps (with TMA, where two stages and two dS^T (and P^T) buffers fit): no CTA
+  // barrier at a step's start, so one warpgroup's S^T / dP^T and exponentials of step m + 1 run
+  // while the other's dQ / dV / dK of step m do; the last warp done with a stage refills it.
+  // Default at head dim 64 (+1-4% over the step barrier with kRsDkv); at 128, where it gained 3-6%
+  // before kRsDkv, the step barrier with three stages now measures 1-2% faster; at 256, 25-30%
+  // slower (notes v13, v14). Three steps in flight where they fit an sm90 SM's 227 KB, else two;
+  // + 1 KB to align the tiles.
   static constexpr bool kOverlap =
-      kOverlap_ && kTmaQdo && 2 * kKVBytes + 4 * kDsBytes + kDqBytes + 1024 + 2 * kStageBytes <= kSmemLimit;
+      kOverlap_ && kTmaQdo && 2 * kKVBytes + 2 * kDsTiles * kDsBytes + kDqBytes + 1024 + 2 * kStageBytes <= kSmemLimit;
   static constexpr int kDsBuffers = kOverlap ? 2 : 1;
-  static constexpr size_t kFixedBytes = 2 * kKVBytes + 2 * kDsBuffers * kDsBytes + kDqBytes + 1024;
-  static constexpr int kStages = !kOverlap && kFixedBytes + 3 * kStageBytes <= kSmemLimit ? 3 : 2;
+  static constexpr size_t kFixedBytes = 2 * kKVBytes + kDsBuffers * kDsTiles * kDsBytes + kDqBytes + 1024;
+  static constexpr int kStages = kFixedBytes + 3 * kStageBytes <= kSmemLimit ? 3 : 2;
   static constexpr size_t kSmemBytes = kFixedBytes + kStages * kStageBytes;
   static_assert(kSmemBytes <= kSmemLimit, "tiles fit the shared memory");
 };
@@ -109,7 +119,6 @@ struct DqBlocked {
     const int64_t q_row0 = varlen ? si.q_row0 : static_cast<int64_t>(b) * seqlen_q;
     return ((static_cast<int64_t>(hk) * col_blocks + cb) * packed_rows + q_row0 * group + r) * 64;
   }
-  __host__ __device__ int64_t floats() const { return heads_kv * col_blocks * packed_rows * 64; }
 };
 
 // Q and dO as 4-d tensors (head_dim, heads_q, seqlen_q, batch), a box of 64 columns x group heads x
@@ -146,10 +155,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const uint32_t sV = sK + Cfg::kKVBytes;
   const uint32_t sQ = sV + Cfg::kKVBytes;             // [kStages]
   const uint32_t sdO = sQ + kStages * Cfg::kQBytes;   // [kStages]
-  // [kDsBuffers] {P^T, dS^T} of a step: BN key rows x BM query rows each (overlapped steps
-  // alternate between two).
+  // [kDsBuffers] {P^T (without kRsDkv), dS^T} of a step: BN key rows x BM query rows each
+  // (overlapped steps alternate between two).
   const uint32_t sDs = sdO + kStages * Cfg::kQBytes;
-  const uint32_t sRows = sDs + 2 * Cfg::kDsBuffers * Cfg::kDsBytes;  // [kStages] lse rows, then [kStages] Di rows
+  const uint32_t sRows = sDs + Cfg::kDsBuffers * Cfg::kDsTiles * Cfg::kDsBytes;  // [kStages] lse rows, then [kStages] Di rows
   const uint32_t sDq = sRows + 2 * kStages * BM * 4;  // [warpgroups] dQ blocks of the step
   const float* rows_f = reinterpret_cast<const float*>(wgmma_smem + (sRows - smem0));
   // With TMA, per stage: Q / dO / lse / Di landed (one arrival with the tile bytes from the issuing
@@ -308,8 +317,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const int st = (mb - m_begin) % kStages;
     const uint32_t cQ = sQ + st * Cfg::kQBytes;
     const uint32_t cdO = sdO + st * Cfg::kQBytes;
-    const uint32_t cP = sDs + (overlap ? (mb - m_begin) % 2 : 0) * 2 * Cfg::kDsBytes;  // P^T, then dS^T
-    const uint32_t cdS = cP + Cfg::kDsBytes;
+    const uint32_t cP = sDs + (overlap ? (mb - m_begin) % 2 : 0) * Cfg::kDsTiles * Cfg::kDsBytes;  // P^T, then dS^T
+    const uint32_t cdS = cP + (Cfg::kDsTiles - 1) * Cfg::kDsBytes;
     if (tma_qdo) {
       if (mb == m_begin) cp_async_wait_all();  // K and V
       mbar_wait(full0 + 8u * st, ((mb - m_begin) / kStages) & 1);
@@ -368,22 +377,50 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
       for (int c = 0; c < 4; ++c) s[4 * t + c] = fast_exp2(fmaf(s[4 * t + c], scale_log2, -lse2[c & 1]));
     }
-    // P^T and dS^T go to shared memory in 16 bits (row = key, 64 query rows per 128-byte row block,
-    // swizzled), grouped as the 16-row A fragments of mma.sync: the accumulators of column tiles 2kk,
-    // 2kk+1 hold query rows s_row0 + 16kk.. + 15, so word c of fragment kk holds key row key_row +
-    // 8 (c & 1), query rows s_row0 + 16kk + 8 (c >> 1) + 2tq, +1.
-    auto store_transposed = [&](uint32_t tile, const float* x) {
+    // P^T and dS^T in 16 bits as A operands: the accumulators of column tiles 2kk, 2kk+1 hold query
+    // rows s_row0 + 16kk .. + 15, so word c of K-step kk holds key row key_row + 8 (c & 1), query
+    // rows s_row0 + 16kk + 8 (c >> 1) + 2tq, +1 (mma.sync's A fragment, which wgmma's register A
+    // operand shares). In shared memory (row = key, 64 query rows per 128-byte row block, swizzled)
+    // for dQ, and for dV / dK without kRsDkv.
+    constexpr int kKSteps = kSRows / 16;
+    auto pack_a = [&](uint32_t (&a)[kKSteps][4], const float* x) {
 #pragma unroll
-      for (int kk = 0; kk < kSRows / 16; ++kk) {
+      for (int kk = 0; kk < kKSteps; ++kk) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) a[kk][c] = pack2<T>(x[8 * kk + 2 * c], x[8 * kk + 2 * c + 1]);
+      }
+    };
+    auto store_a = [&](uint32_t tile, const uint32_t (&a)[kKSteps][4]) {
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          st_shared_u32(tile + sw128_offset(key_row + 8 * (c & 1), s_row0 / 8 + 2 * kk + (c >> 1), BN) + 4 * tq,
-                        pack2<T>(x[8 * kk + 2 * c], x[8 * kk + 2 * c + 1]));
+          st_shared_u32(tile + sw128_offset(key_row + 8 * (c & 1), s_row0 / 8 + 2 * kk + (c >> 1), BN) + 4 * tq, a[kk][c]);
         }
       }
     };
-    store_transposed(cP, s);
-    wgmma_wait<0>();  // dP^T done
+    // acc += A B with A from registers (kRsDkv): K-step kk takes B's 16 rows (2048 bytes) into the
+    // tile, whose column blocks are BM rows apart.
+    auto issue_rs = [&](float (&acc)[kKvCols / 2], uint32_t (&a)[kKSteps][4], uint32_t b_tile) {
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk) pin_registers(a[kk]);
+      pin_registers(acc);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk) {
+        if constexpr (Cfg::kRsDkv) WgmmaRs<T, kKvCols>::rs(acc, a[kk], sw128_desc(b_tile + kk * 16 * 128, BM * 128));
+      }
+      wgmma_commit();
+    };
+    uint32_t pa[kKSteps][4], dsa[kKSteps][4];  // P^T, dS^T
+    pack_a(pa, s);
+    if constexpr (Cfg::kRsDkv) {
+      issue_rs(dv, pa, cdO);  // dV += P^T dO, while dS^T is computed
+      wgmma_wait<1>();        // dP^T done
+    } else {
+      store_a(cP, pa);
+      wgmma_wait<0>();  // dP^T done
+    }
     pin_registers(dp);
     // dS^T into dp.
 #pragma unroll
@@ -393,9 +430,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
       for (int c = 0; c < 4; ++c) dp[4 * t + c] = s[4 * t + c] * fmaf(dp[4 * t + c], scale, -di_scaled[c & 1]);
     }
-    store_transposed(cdS, dp);
+    pack_a(dsa, dp);
+    if constexpr (Cfg::kRsDkv) issue_rs(dk, dsa, cQ);  // dK += dS^T Q, while the CTA barrier waits
+    store_a(cdS, dsa);
     fence_proxy_async();
-    __syncthreads();  // P^T and dS^T of every warpgroup written
+    __syncthreads();  // dS^T (and P^T) of every warpgroup written
     // Overlapped steps: every thread is past step mb's lse / Di, refill them for step mb + kStages.
     if (overlap && mb + kStages < m_end) load_rows(mb + kStages);
 
@@ -410,27 +449,36 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                                            sw128_desc(sK + (dq_col0 / 64) * BN * 128 + key0 * 128, BN * 128), kk > 0);
     }
     wgmma_commit();
-    // dV += P^T dO and dK += dS^T Q, queued behind dQ so that they run while its rows are handed on.
-    // K-step kk: A (this warpgroup's 64 key rows) 32 bytes into the rows of column block kk / 4; B
-    // (from column block kv_col0 / 64 on) 16 rows (2048 bytes) into the tiles, whose column blocks
-    // are BM rows apart.
-    pin_registers(dv);
-    pin_registers(dk);
-    wgmma_fence();
-    const uint32_t b_col = (kv_col0 / 64) * BM * 128;
+    if constexpr (!Cfg::kRsDkv) {
+      // dV += P^T dO and dK += dS^T Q from shared memory, queued behind dQ so that they run while
+      // its rows are handed on. K-step kk: A (this warpgroup's 64 key rows) 32 bytes into the rows
+      // of column block kk / 4; B (from column block kv_col0 / 64 on) 16 rows (2048 bytes) into the
+      // tiles, whose column blocks are BM rows apart.
+      pin_registers(dv);
+      pin_registers(dk);
+      wgmma_fence();
+      const uint32_t b_col = (kv_col0 / 64) * BM * 128;
 #pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) {
-      const uint32_t a = (kk / 4) * BN * 128 + wg_key0 * 128 + (kk % 4) * 32;
-      Wgmma<T, kKvCols>::template ss<0, 1>(dv, sw128_desc(cP + a, 16), sw128_desc(cdO + b_col + kk * 16 * 128, BM * 128), 1);
-    }
+      for (int kk = 0; kk < BM / 16; ++kk) {
+        const uint32_t a = (kk / 4) * BN * 128 + wg_key0 * 128 + (kk % 4) * 32;
+        Wgmma<T, kKvCols>::template ss<0, 1>(dv, sw128_desc(cP + a, 16), sw128_desc(cdO + b_col + kk * 16 * 128, BM * 128), 1);
+      }
 #pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) {
-      const uint32_t a = (kk / 4) * BN * 128 + wg_key0 * 128 + (kk % 4) * 32;
-      Wgmma<T, kKvCols>::template ss<0, 1>(dk, sw128_desc(cdS + a, 16), sw128_desc(cQ + b_col + kk * 16 * 128, BM * 128), 1);
+      for (int kk = 0; kk < BM / 16; ++kk) {
+        const uint32_t a = (kk / 4) * BN * 128 + wg_key0 * 128 + (kk % 4) * 32;
+        Wgmma<T, kKvCols>::template ss<0, 1>(dk, sw128_desc(cdS + a, 16), sw128_desc(cQ + b_col + kk * 16 * 128, BM * 128), 1);
+      }
+      wgmma_commit();
     }
-    wgmma_commit();
-    wgmma_wait<1>();  // dQ done
+    wgmma_wait<Cfg::kRsDkv ? 0 : 1>();  // dQ done (and, with kRsDkv, dV / dK queued before it)
     pin_registers(dq);
+    if constexpr (Cfg::kRsDkv) {
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk) {  // (register A operands live until their products are done)
+        pin_registers(pa[kk]);
+        pin_registers(dsa[kk]);
+      }
+    }
     // dQ into the float32 accumulator (DqBlocked: dq[4t + c] is row dq_row0 + (warp % 4) * 16 + g +
     // 8 (c >> 1), column dq_col0 + 8t + 2tq + (c & 1); g is the row's swizzle key).
     if constexpr (Cfg::kDqAtomics) {
@@ -470,7 +518,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         bulk_commit();
       }
     }
-    wgmma_wait<0>();  // dV, dK done: P^T, dS^T and the step's buffers are free
+    wgmma_wait<0>();  // dV, dK done (without kRsDkv): P^T, dS^T and the step's buffers are free
     pin_registers(dv);
     pin_registers(dk);
     // Overlapped steps: the last warp done with the stage's Q / dO refills it for step mb + kStages.
@@ -500,26 +548,31 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
-// dq = the blocked float32 accumulator (DqBlocked), one warp per (query row, head).
+// dq = the blocked float32 accumulator (DqBlocked) by 16-byte chunks: 16 lanes per (query row, head)
+// at one 64-column block (two rows per warp), a warp per row above.
+__host__ __device__ inline int dq_convert_lanes(int col_blocks) { return col_blocks > 1 ? 32 : 16; }
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dq_convert_blocked_kernel(const BwdArgs args) {
   const FlashBwdParams& p = args.p;
   const int b = blockIdx.z;
   const int h = blockIdx.y;
-  const int i = blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
-  const SeqInfo si = seq_info(p, b);
-  if (i >= si.sq) return;
   const int group = args.s.group;
   const DqBlocked layout(p, group);
+  const int lanes = dq_convert_lanes(layout.col_blocks);
+  const int lane = threadIdx.x % 32;
+  const int i = (blockIdx.x * (kThreads / 32) + threadIdx.x / 32) * (32 / lanes) + lane / lanes;
+  const SeqInfo si = seq_info(p, b);
+  if (i >= si.sq) return;
   const int r = i * group + h % group;  // packed row within the sequence
   const float* acc = dq_accum(p) + layout.offset(h / group, 0, b, si, r);
   T* dq = static_cast<T*>(p.dq) +
           q_offset(p.cu_seqlens_q != nullptr, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, si, b, i, h);
-  const int c = 2 * (threadIdx.x % 32);  // this lane's two columns of every 64-column block
-  const int at = ((((c >> 2) ^ (r & 7)) << 2) | (c & 3));
-  for (int cb = 0; cb * 64 + c < p.head_dim; ++cb) {
-    const float2 x = *reinterpret_cast<const float2*>(acc + cb * layout.packed_rows * 64 + at);
-    *reinterpret_cast<uint32_t*>(dq + cb * 64 + c) = pack2<T>(x.x, x.y);
+  // 16-byte chunk c of column block cb (columns 4c .. 4c + 3, whole or past head_dim: a multiple of 8).
+  for (int q = lane % lanes; q < 16 * layout.col_blocks; q += lanes) {
+    const int cb = q / 16, c = q % 16;
+    if (cb * 64 + 4 * c >= p.head_dim) break;
+    const float4 x = *reinterpret_cast<const float4*>(acc + cb * layout.packed_rows * 64 + (c ^ (r & 7)) * 4);
+    *reinterpret_cast<uint2*>(dq + cb * 64 + 4 * c) = make_uint2(pack2<T>(x.x, x.y), pack2<T>(x.z, x.w));
   }
 }
 
@@ -545,21 +598,21 @@ QdoTmaMaps bwd_qdo_tma_maps(const FlashBwdParams& p, int group, int bucket) {
   return maps;
 }
 
-// Zero the accumulator, run the kernel (one CTA per BN keys, KV head and batch), convert dQ.
+// Run the kernel (one CTA per BN keys, KV head and batch) into the accumulator dot_do_o_kernel has
+// zeroed, convert dQ.
 template <typename T, int D, typename Cfg>
 void launch_bwd_wgmma_config(const BwdArgs& args, cudaStream_t stream) {
   auto kernel = bwd_wgmma_kernel<T, D, Cfg>;
   set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute(bwd_wgmma_kernel)");
   const FlashBwdParams& p = args.p;
-  const DqBlocked layout(p, args.s.group);
   const QdoTmaMaps qdo_maps = bwd_qdo_tma_maps<T, Cfg>(p, args.s.group, D);
-  check_cuda(cudaMemsetAsync(dq_accum(p), 0, layout.floats() * sizeof(float), stream), "cudaMemsetAsync(dq_accum)");
   if (p.seqlen_k > 0) {
     kernel<<<dim3(ceil_div(p.seqlen_k, Cfg::kBlockN), p.heads_kv, p.batch), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args, qdo_maps);
     check_launch("bwd_wgmma_kernel launch");
   }
   if (p.seqlen_q > 0) {
-    dq_convert_blocked_kernel<T><<<dim3(ceil_div(p.seqlen_q, kThreads / 32), p.heads_q, p.batch), kThreads, 0, stream>>>(args);
+    const int rows = (kThreads / 32) * (32 / dq_convert_lanes((p.head_dim + 63) / 64));
+    dq_convert_blocked_kernel<T><<<dim3(ceil_div(p.seqlen_q, rows), p.heads_q, p.batch), kThreads, 0, stream>>>(args);
     check_launch("dq_convert_blocked_kernel launch");
   }
 }

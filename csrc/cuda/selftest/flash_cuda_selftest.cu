@@ -579,8 +579,10 @@ int main() {
   { Case c = make("wgmma bwd padded d=136 mqa 3/1 window(50,10)", 2, 90, 170, 3, 1, 136); c.wl = 50; c.wr = 10; cases.push_back(c); }
   { Case c = make("wgmma bwd leftpad+seqused sinks d=192", 2, 100, 200, 2, 2, 192); c.leftpad = {7, 0}; c.seqused = {200, 131}; c.sinks = true; c.causal = true; cases.push_back(c); }
   // Q / dO by TMA: boxes of 8 heads x 8 query rows (GQA 8/1), six steps per key block, so that the
-  // overlapped steps' two stages and P^T / dS^T buffers each come round three times.
+  // overlapped steps' stages and dS^T buffers each come round two or three times.
   { Case c = make("wgmma bwd tma gqa 8/1 d=128", 2, 48, 200, 8, 1, 128); c.wl = 90; cases.push_back(c); }
+  // Head dim 64: six 128-row steps per key block through its three stages, masked rows at the end.
+  { Case c = make("wgmma bwd tma gqa 4/1 causal d=64", 2, 170, 150, 4, 1, 64); c.causal = true; cases.push_back(c); }
   {
     Case c = make("wgmma bwd varlen d=256", 3, 1, 1, 2, 1, 256);
     c.varlen = true;

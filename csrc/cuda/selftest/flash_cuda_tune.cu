@@ -206,14 +206,15 @@ int main() {
       {"fp8 wgmma cp.async K/V", 256, launch_fwd_wgmma_config<F8, 256, FwdWgmmaConfig<256, 2, 128, 1, 1, false>>},
   };
   const BwdCandidate bwd_candidates[] = {
+      // (The cp.async Q / dO copies and d = 256's overlapped steps, measured in v13:
+      // h200-kernels-v13-2026-12-03-{bwd-tma,overlap}-tune.log.)
       {"wgmma bm128 rows", 64, launch_bwd_wgmma_config<T, 64, BwdWgmmaConfig<64, 128>>},
       {"wgmma bm64 cols", 128, launch_bwd_wgmma_config<T, 128, BwdWgmmaConfig<128, 64>>},
       {"wgmma bm64 kv-cols", 256, launch_bwd_wgmma_config<T, 256, BwdWgmmaConfig<256, 64>>},
-      {"wgmma cp.async Q/dO", 64, launch_bwd_wgmma_config<T, 64, BwdWgmmaConfig<64, 128, 2, false>>},
-      {"wgmma tma, step barrier", 128, launch_bwd_wgmma_config<T, 128, BwdWgmmaConfig<128, 64, 2, true, false>>},
-      {"wgmma cp.async Q/dO", 128, launch_bwd_wgmma_config<T, 128, BwdWgmmaConfig<128, 64, 2, false>>},
-      {"wgmma tma, overlapped steps", 256, launch_bwd_wgmma_config<T, 256, BwdWgmmaConfig<256, 64, 2, true, true>>},
-      {"wgmma cp.async Q/dO", 256, launch_bwd_wgmma_config<T, 256, BwdWgmmaConfig<256, 64, 2, false>>},
+      {"wgmma rs, step barrier", 64, launch_bwd_wgmma_config<T, 64, BwdWgmmaConfig<64, 128, 2, true, false>>},
+      {"wgmma ss dV/dK (v13)", 64, launch_bwd_wgmma_config<T, 64, BwdWgmmaConfig<64, 128, 2, true, false, false>>},
+      {"wgmma rs, overlapped", 128, launch_bwd_wgmma_config<T, 128, BwdWgmmaConfig<128, 64, 2, true, true>>},
+      {"wgmma ss dV/dK (v13)", 128, launch_bwd_wgmma_config<T, 128, BwdWgmmaConfig<128, 64, 2, true, true, false>>},
   };
   const int tokens = 16384, hidden = 2048;
   std::mt19937 rng(0);
@@ -301,7 +302,8 @@ int main() {
     }
   }
   // (4) Candidate Hopper backward shapes against run_bwd's gradients (which also leaves Di in the
-  // workspace for the candidates, launched without it).
+  // workspace for the candidates, launched without it; each zeroes the dQ accumulator first, as
+  // dot_do_o_kernel does in run_bwd, and is timed with it).
   std::printf("%-22s %4s %6s %6s %9s %9s %10s\n", "bwd config", "d", "seqlen", "causal", "ms", "TFLOP/s", "rel diff");
   for (int d : {64, 128, 256}) {
     if (!section("bwd")) break;
@@ -317,10 +319,15 @@ int main() {
         for (void* g : {dq, dk, dv}) ref.push_back(fetch(g, n));
         const BwdArgs args{bp, make_score_args(bp)};
         const double flops = 10.0 * shape.batch * seqlen * static_cast<double>(seqlen) * shape.heads * d / (causal + 1);
+        const size_t accum_bytes = flash::cuda::detail::dq_accum_floats(bp) * sizeof(float);
         for (const BwdCandidate& c : bwd_candidates) {
           if (c.d != d) continue;
+          auto launch = [&] {
+            CHECK_CUDA(cudaMemsetAsync(flash::cuda::detail::dq_accum(bp), 0, accum_bytes, nullptr));
+            c.launch(args, nullptr);
+          };
           for (void* g : {dq, dk, dv}) CHECK_CUDA(cudaMemset(g, 0xFF, n * 2));  // NaN poison
-          c.launch(args, nullptr);
+          launch();
           CHECK_CUDA(cudaDeviceSynchronize());
           double diff = 0.0;
           int gi = 0;
@@ -329,7 +336,7 @@ int main() {
           }
           const bool bad = !(diff < 2e-2);
           failures += bad;
-          const float ms = time_ms([&] { c.launch(args, nullptr); });
+          const float ms = time_ms(launch);
           std::printf("%-22s %4d %6d %6d %9.3f %9.1f %10.2e%s\n", c.name, d, seqlen, causal, ms, flops / ms / 1e9, diff,
                       bad ? "  FAIL" : "");
         }
