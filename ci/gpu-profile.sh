@@ -5,7 +5,9 @@
 # $OUT/$NAME-details.txt (ncu's details page) and $OUT/$NAME-summary.txt (benchmarks/ncu_summary.py).
 #   usage: OUT=... KERNEL='bwd_wgmma_kernel<__nv_bfloat16, .int.128' LAUNCH_SKIP=50 \
 #            FLASH_TUNE_SECTIONS=bwd bash ci/gpu-profile.sh
-#   KERNEL: a regex on the demangled name ('(' and ')' as '.'); LAUNCH_SKIP: launches of matching
+#   KERNEL: a regex on the demangled name as ncu spells it, template arguments included
+#   ('bwd_wgmma_kernel<__nv_bfloat16, (int)128, ...BwdWgmmaConfig<(int)128, (int)64, (int)2, (bool)1, ...':
+#   '(' and ')' as '.', so '.int.128', '.bool.1'); LAUNCH_SKIP: launches of matching
 #   kernels to pass over first (the harness runs each candidate and shape 1 + 3 + 20 times, after the
 #   production entry's own launch where its section has one); NAME (default profile).
 # The clocks are left as they are (--clock-control none), as the device notes ask.
