@@ -56,9 +56,9 @@ def newest(results: Path, kind: str, op: str | None = None) -> tuple[Path, dict]
             doc = json.loads(path.read_text())
         except ValueError:
             continue
-        if op is not None and not any(r.get("op") == op for r in doc.get("records", []) if isinstance(r, dict)):
+        if not (isinstance(doc, dict) and kind_of(doc) == kind and (doc.get("records") or doc.get("summary"))):
             continue
-        if isinstance(doc, dict) and kind_of(doc) == kind and (doc.get("records") or doc.get("summary")):
+        if op is None or any(isinstance(r, dict) and r.get("op") == op for r in doc.get("records", [])):
             found.append((bool(doc.get("cuda")) if kind == "attention" else True, str(doc.get("date", "")), path, doc))
     if not found:
         return None
@@ -200,7 +200,9 @@ def _attention_section(found, decode_found, project: Path, page_dir: Path) -> li
         return ["_Not measured yet_: no attention results file (`flash-attn-kernel bench`) under "
                 "`benchmarks/results/`."]
     path, doc = found
-    decode_path, decode_doc = decode_found or found
+    # Decode from the newest run on the same kind of device (a CPU run's decode is no GPU figure).
+    same_device = decode_found and bool(decode_found[1].get("cuda")) == bool(doc.get("cuda"))
+    decode_path, decode_doc = decode_found if same_device else found
     out = [_source_line(doc, path, project), ""]
     cmds = doc.get("commands") or [doc.get("command")]
     out += ["Produced by:", "", "```bash", *cmds, "```", ""]
