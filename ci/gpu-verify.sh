@@ -4,7 +4,9 @@
 # benchmark with the time left: decode, the FP8 forward, then bf16 forward and backward against
 # SDPA's flash and cuDNN backends (head dims 128, 64, 256). ci/gpu-bench.sh runs the whole comparison instead.
 #   usage: OUT=... bash ci/gpu-verify.sh      env: BENCH_NAME, DEADLINE_S (default 560), SEQLENS,
-#          TESTS (default: the kernel tests), STAGES (default decode,fp8,bf16: the benchmark stages)
+#          TESTS (default: the kernel tests), STAGES (default decode,fp8,bf16: the benchmark stages;
+#          sm80: the sm80-class kernels, FLASH_ATTN_CUDA_HOPPER=0, against SDPA flash, into
+#          benchmarks/results/sm80-class/, apart from the runs the docs show)
 # Results: $OUT/tests.log, benchmarks/results/$BENCH_NAME.{json,md} archived in $OUT/results.tgz.
 set -uo pipefail
 . "$(dirname "$0")/gpu-env.sh"
@@ -30,7 +32,13 @@ stage decode && bench 40 --ops decode --dtypes bf16 --repeats 50
 stage fp8 && bench 60 --ops fwd --dtypes fp8 --hdims 128,256,64 --seqlens "$SEQLENS" --repeats 20 --point-seconds 0.5
 stage bf16 && bench 240 --ops fwd,bwd --dtypes bf16 --hdims 128,64,256 --seqlens "$SEQLENS" --repeats 20 --point-seconds 0.5 \
           --peers sdpa-flash,sdpa-cudnn
-python3 -m flash_attn_kernel bench --render "benchmarks/results/$NAME.json" | tail -1
+if stage sm80; then
+  mkdir -p benchmarks/results/sm80-class
+  NAME=sm80-class/$NAME LABEL='flash-attn-kernel[cuda sm80-class]' FLASH_ATTN_CUDA_HOPPER=0 \
+    bench 200 --ops fwd,bwd --dtypes bf16 --hdims 128,64,256 --seqlens "$SEQLENS" --repeats 20 --point-seconds 0.5 \
+    --peers sdpa-flash
+fi
+[ -f "benchmarks/results/$NAME.json" ] && python3 -m flash_attn_kernel bench --render "benchmarks/results/$NAME.json" | tail -1
 save
 echo "done in $(( $(date +%s) - CALL_START )) s"
 exit "$test_rc"

@@ -1,19 +1,23 @@
 // Tensor-core backward (sm80-class mma.sync) without dropout, P / dS fed from registers
 // (flash_mma.cuh), so nothing but Q/dO/K/V tiles, dS and per-row scalars goes through shared memory.
-//   dkdv_mma_kernel  4 warps x 16 keys; per block of 32 packed query rows (double-buffered):
-//                    S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q (summed over the KV
-//                    group's heads). kFusedDq: also dQ += dS K, through dS^T in shared memory and
-//                    float32 atomics into the workspace (FlashAttention-2's backward: S and dP once);
-//                    dq_convert_kernel then writes dq. Default for calls that are not deterministic.
+//   dkdv_mma_kernel  kWarps warps x 16 keys; per step of kRowsPerStep packed query rows
+//                    (double-buffered): S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q
+//                    (summed over the KV group's heads). kFusedDq: also dQ += dS K, through dS^T in
+//                    shared memory and float32 atomics into the workspace (FlashAttention-2's
+//                    backward: S and dP once); dq_convert_kernel then writes dq. Default for calls
+//                    that are not deterministic, with 8 warps (128 keys) where the shared memory
+//                    allows.
 //   dq_mma_kernel    deterministic calls (head dims <= 128): dQ by its own kernel over key blocks,
 //                    S = Q K^T, dP = dO V^T, dS = P (dP - Di) cap' scale, dQ += dS K, no atomics.
 // Head dims above 128 split dK/dV (and dQ) columns over kDSplit CTAs per key block, each recomputing
-// S^T and dP^T, so the accumulators fit the registers; their shared memory (up to 141 KB at 256)
-// exceeds what sm86/sm89/sm120 offer, where they fall back to the SIMT kernels.
+// S^T and dP^T, so the accumulators fit the registers; their shared memory (up to 141 KB at 256
+// with 4 warps) exceeds what sm86/sm89/sm120 offer, where they fall back to the SIMT kernels.
 // As in the forward (flash_fwd_mma.cuh), kPlain instantiations (no softcap, no ALiBi) have no
 // modifier code and compute P = 2^(S scale log2(e) - lse log2(e)), and the mask runs only on tiles
 // some (row, key) pair of which is not visible.
 #pragma once
+
+#include <type_traits>
 
 #include "flash_mma.cuh"
 
@@ -21,12 +25,15 @@ namespace flash {
 namespace cuda {
 namespace detail {
 
-template <int D>
+// kWarps: warps of the dK/dV kernel, 16 keys each (more keys per CTA: fewer dQ atomics and Q / dO
+// copies per product); kRowsPerStep: packed query rows of its steps.
+template <int D, int kWarps = 4, int kRowsPerStep = 32>
 struct BwdMmaTraits {
   static constexpr int kBlockM = 64;                // dq: packed query rows per CTA
   static constexpr int kBlockN = D <= 64 ? 64 : 32; // dq: keys per step
-  static constexpr int kKeys = 64;                  // dkdv: keys per CTA
-  static constexpr int kRows = 32;                  // dkdv: packed query rows per step
+  static constexpr int kDkdvThreads = 32 * kWarps;
+  static constexpr int kKeys = 16 * kWarps;         // dkdv: keys per CTA
+  static constexpr int kRows = kRowsPerStep;        // dkdv: packed query rows per step
   static constexpr int kDSplit = D <= 128 ? 1 : 2;  // dkdv: CTAs per key block, each D / kDSplit columns
   static constexpr int kDAcc = D / kDSplit;
   static constexpr int kPitch = mma_pitch(D);
@@ -209,9 +216,10 @@ __global__ void __launch_bounds__(kThreads, 1) dq_mma_kernel(const BwdArgs args)
   }
 }
 
-template <typename T, int D, bool kPlain, bool kFusedDq>
-__global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs args) {
-  using Tr = BwdMmaTraits<D>;
+template <typename T, int D, bool kPlain, bool kFusedDq, int kWarps, int kRowsPerStep>
+__global__ void __launch_bounds__(32 * kWarps, 1) dkdv_mma_kernel(const BwdArgs args) {
+  using Tr = BwdMmaTraits<D, kWarps, kRowsPerStep>;
+  constexpr int kCtaThreads = Tr::kDkdvThreads;
   constexpr int BK = Tr::kKeys;
   constexpr int BR = Tr::kRows;
   constexpr int kPitch = Tr::kPitch;
@@ -264,16 +272,16 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
     // divides kRowStep, and are then kRowStep / group query rows apart: one pointer per thread.
     bool strided = false;
     constexpr int kChunks = D / 8;
-    if constexpr (kThreads % kChunks == 0 && BR % (kThreads / kChunks) == 0) {
-      constexpr int kRowStep = kThreads / kChunks;
+    if constexpr (kCtaThreads % kChunks == 0 && BR % (kCtaThreads / kChunks) == 0) {
+      constexpr int kRowStep = kCtaThreads / kChunks;
       if (kRowStep % group == 0) {
         const int r = r0 + tid / kChunks;  // this thread's first packed row
         const int i = gs.row(r), h = hk * group + gs.head(r);
         const int64_t step = kRowStep / group;
-        cp_async_thread_rows<T, D, BR, kThreads>(
+        cp_async_thread_rows<T, D, BR, kCtaThreads>(
             sQ + buf * BR * kPitch, q + q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, i, h),
             step * p.q_row_stride, rows - r0, p.head_dim, q);
-        cp_async_thread_rows<T, D, BR, kThreads>(
+        cp_async_thread_rows<T, D, BR, kCtaThreads>(
             sdO + buf * BR * kPitch,
             dout + q_offset(varlen, p.do_batch_stride, p.do_row_stride, p.do_head_stride, si, b, i, h),
             step * p.do_row_stride, rows - r0, p.head_dim, dout);
@@ -281,10 +289,11 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
       }
     }
     if (!strided) {
-      cp_async_tile<T, D, BR>(sQ + buf * BR * kPitch, q_rows(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride),
-                              p.head_dim, q);
-      cp_async_tile<T, D, BR>(sdO + buf * BR * kPitch,
-                              q_rows(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride), p.head_dim, dout);
+      cp_async_tile<T, D, BR, kCtaThreads>(
+          sQ + buf * BR * kPitch, q_rows(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride), p.head_dim, q);
+      cp_async_tile<T, D, BR, kCtaThreads>(sdO + buf * BR * kPitch,
+                                           q_rows(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride),
+                                           p.head_dim, dout);
     }
     if (tid < BR) {
       const int r = r0 + tid;
@@ -303,7 +312,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
   const BlockRange steps = visible_row_blocks(sa, si, j0, BK, BR);  // packed rows, in steps of BR
   const int m_begin = steps.begin, m_end = steps.end;
 
-  const KvTileCopier<T, D, BK, kThreads> kv{p, si, b, hk};
+  const KvTileCopier<T, D, BK, kCtaThreads> kv{p, si, b, hk};
   kv.copy(sK, sV, j0 / BK, kv.start(j0 / BK));
   if (m_begin < m_end) load_rows(m_begin, 0);
   cp_async_commit();
@@ -430,12 +439,16 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
     }
     if constexpr (kFusedDq) {
       __syncthreads();  // dS^T of every warp visible
-      // dQ (BR rows x this CTA's columns) += dS (BR x BK) K (BK x D): warp w takes rows 16 (w & 1)..
-      // and half of the 16-column chunks, then adds its tile to the float32 accumulator.
+      // dQ (BR rows x this CTA's columns) += dS (BR x BK) K (BK x D): warp w takes the 16 rows
+      // 16 (w % kRowTiles).. and one of the kWarps / kRowTiles groups of the 16-column chunks, then
+      // adds its tile to the float32 accumulator.
       constexpr int kChunks = kAT / 2;
-      constexpr int kQC = (kChunks + 1) / 2;  // chunks per warp (the second half may be one short)
-      const int wr = (warp & 1) * 16;
-      const int c0 = (warp >> 1) * kQC;
+      constexpr int kRowTiles = BR / 16;
+      static_assert(kWarps % kRowTiles == 0, "the warps split dQ's rows evenly");
+      constexpr int kGroups = kWarps / kRowTiles;
+      constexpr int kQC = (kChunks + kGroups - 1) / kGroups;  // chunks per warp (the last group may be short)
+      const int wr = (warp % kRowTiles) * 16;
+      const int c0 = (warp / kRowTiles) * kQC;
       float dq[2 * kQC][4];
 #pragma unroll
       for (int t = 0; t < 2 * kQC; ++t) dq[t][0] = dq[t][1] = dq[t][2] = dq[t][3] = 0.f;
@@ -452,15 +465,24 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_mma_kernel(const BwdArgs arg
           mma_16816<T>(dq[2 * t2 + 1], a, bk[2], bk[3]);
         }
       }
+      // Lanes tq and tq ^ 1 trade halves so that each adds four consecutive floats of one row (one
+      // vector atomic on sm90): the even lane row g, the odd lane row g + 8. All the trades first,
+      // so that the atomics do not wait on one shuffle each.
+      const int e = tq & 1;
+      float4 x[2 * kQC];
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int r = r0 + wr + g + 8 * e;
-        if (r >= rows) continue;
+      for (int t = 0; t < 2 * kQC; ++t) {
+        const float give0 = e ? dq[t][0] : dq[t][2], give1 = e ? dq[t][1] : dq[t][3];
+        const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1), got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
+        x[t] = e ? make_float4(got0, got1, dq[t][2], dq[t][3]) : make_float4(dq[t][0], dq[t][1], got0, got1);
+      }
+      const int r = r0 + wr + g + 8 * e;
+      if (r < rows) {
         float* acc = dq_accum_row(p, si, b, gs.row(r), hk * group + gs.head(r));
 #pragma unroll
         for (int t = 0; t < 2 * kQC; ++t) {
-          const int d = d0 + (c0 + t / 2) * 16 + (t & 1) * 8 + tq * 2;
-          if (c0 + t / 2 < kChunks && d < p.head_dim) atomic_add2(acc + d, dq[t][2 * e], dq[t][2 * e + 1]);
+          const int d = d0 + (c0 + t / 2) * 16 + (t & 1) * 8 + (tq & 2) * 2;
+          if (c0 + t / 2 < kChunks && d < p.head_dim) atomic_add4(acc + d, x[t]);
         }
       }
     }
@@ -520,36 +542,45 @@ void launch_fused_bwd(const BwdArgs& args, Kernel kernel, int key_ctas, int thre
   }
 }
 
-// Launches the tensor-core backward of one (dtype, head-dim bucket): the fused kernel and the dQ
-// conversion, or (deterministic, head dims <= 128) the dQ and the dK/dV kernels.
-template <typename T, int D, bool kPlain>
-void launch_bwd_mma_config(const BwdArgs& args, bool fused, cudaStream_t stream) {
-  using Tr = BwdMmaTraits<D>;
-  const FlashBwdParams& p = args.p;
-  if constexpr (Tr::kDSplit == 1) {
-    if (!fused) {
-      if (p.seqlen_q > 0) {
-        auto kernel = dq_mma_kernel<T, D, kPlain>;
-        set_smem(kernel, Tr::kDqSmem, "cudaFuncSetAttribute(dq_mma_kernel)");
-        const dim3 grid(ceil_div(p.seqlen_q * args.s.group, Tr::kBlockM), p.heads_kv, p.batch);
-        kernel<<<grid, kThreads, Tr::kDqSmem, stream>>>(args);
-        check_launch("dq_mma_kernel launch");
-      }
-      if (p.seqlen_k > 0) {
-        auto kernel = dkdv_mma_kernel<T, D, kPlain, false>;
-        set_smem(kernel, Tr::kDkdvSmem, "cudaFuncSetAttribute(dkdv_mma_kernel)");
-        const dim3 grid(ceil_div(p.seqlen_k, Tr::kKeys), p.heads_kv, p.batch);
-        kernel<<<grid, kThreads, Tr::kDkdvSmem, stream>>>(args);
-        check_launch("dkdv_mma_kernel launch");
-      }
-      return;
-    }
-  }
-  auto kernel = dkdv_mma_kernel<T, D, kPlain, true>;
+// The fused backward of one (dtype, head-dim bucket, CTA shape): the dK/dV kernel adding dQ by
+// atomics, then the dQ conversion.
+template <typename T, int D, bool kPlain, int kWarps, int kRowsPerStep>
+void launch_bwd_mma_fused(const BwdArgs& args, cudaStream_t stream) {
+  using Tr = BwdMmaTraits<D, kWarps, kRowsPerStep>;
+  auto kernel = dkdv_mma_kernel<T, D, kPlain, true, kWarps, kRowsPerStep>;
   set_smem(kernel, Tr::kDkdvSmem, "cudaFuncSetAttribute(dkdv_mma_kernel)");
-  launch_fused_bwd<T>(args, kernel, ceil_div(p.seqlen_k, Tr::kKeys) * Tr::kDSplit, kThreads, Tr::kDkdvSmem,
-                      "dkdv_mma_kernel launch", stream);
+  launch_fused_bwd<T>(args, kernel, ceil_div(args.p.seqlen_k, Tr::kKeys) * Tr::kDSplit, Tr::kDkdvThreads,
+                      Tr::kDkdvSmem, "dkdv_mma_kernel launch", stream);
 }
+
+// The deterministic backward (head dims <= 128): the dQ kernel, then the dK/dV kernel without dQ.
+template <typename T, int D, bool kPlain, int kWarps = 4, int kRowsPerStep = 32>
+void launch_bwd_mma_deterministic(const BwdArgs& args, cudaStream_t stream) {
+  using Tr = BwdMmaTraits<D, kWarps, kRowsPerStep>;
+  static_assert(Tr::kDSplit == 1, "split head dims run the fused backward only");
+  const FlashBwdParams& p = args.p;
+  if (p.seqlen_q > 0) {
+    auto kernel = dq_mma_kernel<T, D, kPlain>;
+    set_smem(kernel, Tr::kDqSmem, "cudaFuncSetAttribute(dq_mma_kernel)");
+    const dim3 grid(ceil_div(p.seqlen_q * args.s.group, Tr::kBlockM), p.heads_kv, p.batch);
+    kernel<<<grid, kThreads, Tr::kDqSmem, stream>>>(args);
+    check_launch("dq_mma_kernel launch");
+  }
+  if (p.seqlen_k > 0) {
+    auto kernel = dkdv_mma_kernel<T, D, kPlain, false, kWarps, kRowsPerStep>;
+    set_smem(kernel, Tr::kDkdvSmem, "cudaFuncSetAttribute(dkdv_mma_kernel)");
+    const dim3 grid(ceil_div(p.seqlen_k, Tr::kKeys), p.heads_kv, p.batch);
+    kernel<<<grid, Tr::kDkdvThreads, Tr::kDkdvSmem, stream>>>(args);
+    check_launch("dkdv_mma_kernel launch");
+  }
+}
+
+// The fused backward's CTA shape (measured on the H200, cuda_kernel_notes.md v15): 8 warps (128
+// keys) with 64-row steps up to head dim 64, 32-row steps above (where 64 would spill: the dK / dV
+// accumulators take the registers); 4 warps of 32-row steps where the device lacks the shared
+// memory.
+template <int D>
+using BwdMmaWideTraits = BwdMmaTraits<D, 8, D <= 64 ? 64 : 32>;
 
 // Whether the tensor-core backward covers the call: no dropout; head dims above 128 only fused and
 // where the device has the shared memory. The SIMT kernels take the rest.
@@ -564,11 +595,21 @@ bool bwd_mma_covers(const FlashBwdParams& p) {
 // head dim (instantiations/flash_bwd_mma_hdim*.cu).
 template <typename T, int D>
 void launch_bwd_mma(const BwdArgs& args, cudaStream_t stream) {
-  const bool fused = bwd_fused_dq(args.p);
+  const auto run = [&](auto plain) {
+    constexpr bool kPlain = decltype(plain)::value;
+    using Wide = BwdMmaWideTraits<D>;
+    if (!bwd_fused_dq(args.p)) {
+      if constexpr (BwdMmaTraits<D>::kDSplit == 1) launch_bwd_mma_deterministic<T, D, kPlain>(args, stream);
+    } else if (max_smem_optin() >= Wide::kDkdvSmem) {
+      launch_bwd_mma_fused<T, D, kPlain, 8, Wide::kRows>(args, stream);
+    } else {
+      launch_bwd_mma_fused<T, D, kPlain, 4, 32>(args, stream);
+    }
+  };
   if (args.s.softcap == 0.f && args.p.alibi_slopes == nullptr) {
-    launch_bwd_mma_config<T, D, true>(args, fused, stream);
+    run(std::true_type{});
   } else {
-    launch_bwd_mma_config<T, D, false>(args, fused, stream);
+    run(std::false_type{});
   }
 }
 

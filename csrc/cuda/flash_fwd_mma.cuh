@@ -491,6 +491,14 @@ auto with_fwd_mma_kernel(const FwdArgs& args, F&& f) {
       return f(launch_fwd_mma_config<T, D, 4, 1, BN, true, true>, fwd_mma_config_occupancy<T, D, 4, 1, BN, true, true>);
     }
     if (rows > 64) return f(launch_fwd_mma_config<T, D, 4, 2, BN, true>, fwd_mma_config_occupancy<T, D, 4, 2, BN, true>);
+  } else {
+    // Above 128, where the shared memory allows (sm90, sm100): 128-row CTAs of 8 warps over 64-key
+    // tiles, one CTA per SM (+13-16% over the 64-row CTAs at head dim 256 on the H200, v15).
+    using Wide = FwdMmaConfig<D, 8, 1, 64, false, 2, 1>;
+    if (rows > 64 && max_smem_optin() >= Wide::kSmemBytes) {
+      return f(launch_fwd_mma_config<T, D, 8, 1, 64, true, false, 2, 1>,
+               fwd_mma_config_occupancy<T, D, 8, 1, 64, true, false, 2, 1>);
+    }
   }
   return f(launch_fwd_mma_config<T, D, 4, 1, BN, true>, fwd_mma_config_occupancy<T, D, 4, 1, BN, true>);
 }

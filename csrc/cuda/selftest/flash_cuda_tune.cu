@@ -1,10 +1,10 @@
 // Kernel timing harness without torch, on the benchmark shapes (bf16, batch * seqlen = 16k tokens,
 // hidden 2048): (1) the production entry points run_fwd / run_bwd, (2) paged decode, (3) candidate
-// forward tile shapes, each checked against the general kMT = 1 instantiation, (4) candidate Hopper
-// backward shapes, each checked against run_bwd, on the same inputs (outputs poisoned with NaN
-// first). FLASH_TUNE_SECTIONS=entry,decode,fwd,bwd,fp8 picks sections (default: all). Not part of the
-// build; ci/gpu-kernel-check.sh builds and runs it (linked with the kernel objects); figures go to
-// benchmarks/cuda_kernel_notes.md.
+// forward tile shapes, each checked against the general kMT = 1 instantiation, (4) candidate
+// backward shapes (Hopper and sm80-class), each checked against run_bwd, on the same inputs (outputs
+// poisoned with NaN first). FLASH_TUNE_SECTIONS=entry,decode,fwd,bwd,fp8 picks sections (default:
+// all). Not part of the build; ci/gpu-kernel-check.sh builds and runs it (linked with the kernel
+// objects); figures go to benchmarks/cuda_kernel_notes.md.
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda/flash_bwd_mma.cuh"
 #include "cuda/flash_fwd_mma.cuh"
 #include "cuda/hopper/flash_bwd_wgmma.cuh"
 #include "cuda/hopper/flash_decode_tma.cuh"
@@ -142,7 +143,7 @@ double rel_diff(const std::vector<float>& got, const std::vector<float>& ref) {
   return diff / std::fmax(scale, 1e-30);
 }
 
-// FLASH_TUNE_SEQLENS=512,2048 picks the candidate section's sequence lengths (default 2048,16384).
+// FLASH_TUNE_SEQLENS=512,2048 picks the candidate sections' sequence lengths (default 2048,16384).
 std::vector<int> tune_seqlens() {
   const char* list = std::getenv("FLASH_TUNE_SEQLENS");
   std::vector<int> seqlens;
@@ -165,6 +166,16 @@ struct BwdCandidate {
   BwdLaunch launch;
 };
 
+// The sm80-class backward of one CTA shape (plain scores), fused or deterministic.
+template <int D, int kWarps, bool kFused, int kRows = 32>
+void mma_bwd(const BwdArgs& args, cudaStream_t stream) {
+  if constexpr (kFused) {
+    launch_bwd_mma_fused<T, D, true, kWarps, kRows>(args, stream);
+  } else {
+    launch_bwd_mma_deterministic<T, D, true, kWarps, kRows>(args, stream);
+  }
+}
+
 std::vector<float> fetch(const void* dev, size_t n) {
   std::vector<uint16_t> bits(n);
   CHECK_CUDA(cudaMemcpy(bits.data(), dev, n * 2, cudaMemcpyDeviceToHost));
@@ -184,6 +195,9 @@ int main() {
       {"w4 mt2 bn64 plain", 128, launch_fwd_mma_config<T, 128, 4, 2, 64, true>},
       {"w4 mt1 bn32 general", 256, launch_fwd_mma_config<T, 256, 4, 1, 32, false>},
       {"w4 mt1 bn32 plain", 256, launch_fwd_mma_config<T, 256, 4, 1, 32, true>},
+      {"w8 mt1 bn32 plain 1/SM", 256, launch_fwd_mma_config<T, 256, 8, 1, 32, true, false, 2, 1>},
+      {"w8 mt1 bn32 plain 3 st", 256, launch_fwd_mma_config<T, 256, 8, 1, 32, true, false, 3, 1>},
+      {"w8 mt1 bn64 plain 1/SM", 256, launch_fwd_mma_config<T, 256, 8, 1, 64, true, false, 2, 1>},
       {"wgmma (sm90a)", 64, launch_fwd_wgmma<T, 64>},
       {"wgmma 3 consumers bn128", 64, launch_fwd_wgmma_config<T, 64, FwdWgmmaConfig<64, 3, 128, 1>>},
       {"wgmma 2 consumers bn64 2/SM", 64, launch_fwd_wgmma_config<T, 64, FwdWgmmaConfig<64, 2, 64, 2>>},
@@ -215,6 +229,17 @@ int main() {
       {"wgmma ss dV/dK (v13)", 64, launch_bwd_wgmma_config<T, 64, BwdWgmmaConfig<64, 128, 2, true, false, false>>},
       {"wgmma rs, overlapped", 128, launch_bwd_wgmma_config<T, 128, BwdWgmmaConfig<128, 64, 2, true, true>>},
       {"wgmma ss dV/dK (v13)", 128, launch_bwd_wgmma_config<T, 128, BwdWgmmaConfig<128, 64, 2, true, true, false>>},
+      // The sm80-class backward (v15, h200-kernels-v15-2026-12-03-step1-tune.log also has 4 warps
+      // with 64-row steps and 8-warp deterministic kernels): the default CTA shape (8 warps; 64-row
+      // steps at d = 64, 32 above), the fallback (4 warps, 32 rows: v14's) and the other step.
+      {"mma fused w8 r64 (default)", 64, mma_bwd<64, 8, true, 64>},
+      {"mma fused w8 r32", 64, mma_bwd<64, 8, true>},
+      {"mma fused w4 r32 (fallback)", 64, mma_bwd<64, 4, true>},
+      {"mma fused w8 r32 (default)", 128, mma_bwd<128, 8, true>},
+      {"mma fused w8 r64", 128, mma_bwd<128, 8, true, 64>},
+      {"mma fused w4 r32 (fallback)", 128, mma_bwd<128, 4, true>},
+      {"mma fused w8 r32 (default)", 256, mma_bwd<256, 8, true>},
+      {"mma fused w4 r32 (fallback)", 256, mma_bwd<256, 4, true>},
   };
   const int tokens = 16384, hidden = 2048;
   std::mt19937 rng(0);
@@ -301,13 +326,13 @@ int main() {
       }
     }
   }
-  // (4) Candidate Hopper backward shapes against run_bwd's gradients (which also leaves Di in the
-  // workspace for the candidates, launched without it; each zeroes the dQ accumulator first, as
-  // dot_do_o_kernel does in run_bwd, and is timed with it).
-  std::printf("%-22s %4s %6s %6s %9s %9s %10s\n", "bwd config", "d", "seqlen", "causal", "ms", "TFLOP/s", "rel diff");
+  // (4) Candidate backward shapes (Hopper and sm80-class) against run_bwd's gradients (which also
+  // leaves Di in the workspace for the candidates, launched without it; each zeroes the dQ
+  // accumulator first, as dot_do_o_kernel does in run_bwd, and is timed with it).
+  std::printf("%-28s %4s %6s %6s %9s %9s %10s\n", "bwd config", "d", "seqlen", "causal", "ms", "TFLOP/s", "rel diff");
   for (int d : {64, 128, 256}) {
     if (!section("bwd")) break;
-    for (int seqlen : {2048, 16384}) {
+    for (int seqlen : tune_seqlens()) {
       for (bool causal : {false, true}) {
         const Shape shape{tokens / seqlen, seqlen, hidden / d, d, causal};
         const flash::FlashFwdParams fp = make_params(shape, q, k, v, o, lse);
@@ -337,7 +362,7 @@ int main() {
           const bool bad = !(diff < 2e-2);
           failures += bad;
           const float ms = time_ms(launch);
-          std::printf("%-22s %4d %6d %6d %9.3f %9.1f %10.2e%s\n", c.name, d, seqlen, causal, ms, flops / ms / 1e9, diff,
+          std::printf("%-28s %4d %6d %6d %9.3f %9.1f %10.2e%s\n", c.name, d, seqlen, causal, ms, flops / ms / 1e9, diff,
                       bad ? "  FAIL" : "");
         }
       }
@@ -583,7 +608,7 @@ int main() {
           const bool bad = nan || diff > 2e-2;
           failures += bad;
           const float ms = time_ms([&] { c.launch(args, nullptr); });
-          std::printf("%-22s %4d %6d %6d %9.3f %9.1f %10.2e%s\n", c.name, d, seqlen, causal, ms, flops / ms / 1e9,
+          std::printf("%-28s %4d %6d %6d %9.3f %9.1f %10.2e%s\n", c.name, d, seqlen, causal, ms, flops / ms / 1e9,
                       diff, bad ? (nan ? "  NaN/inf FAIL" : "  FAIL") : "");
         }
       }
