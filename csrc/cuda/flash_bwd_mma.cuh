@@ -575,13 +575,6 @@ void launch_bwd_mma_deterministic(const BwdArgs& args, cudaStream_t stream) {
   }
 }
 
-// The fused backward's CTA shape (measured on the H200, cuda_kernel_notes.md v15): 8 warps (128
-// keys) with 64-row steps up to head dim 64, 32-row steps above (where 64 would spill: the dK / dV
-// accumulators take the registers); 4 warps of 32-row steps where the device lacks the shared
-// memory.
-template <int D>
-using BwdMmaWideTraits = BwdMmaTraits<D, 8, D <= 64 ? 64 : 32>;
-
 // Whether the tensor-core backward covers the call: no dropout; head dims above 128 only fused and
 // where the device has the shared memory. The SIMT kernels take the rest.
 template <int D>
@@ -597,7 +590,11 @@ template <typename T, int D>
 void launch_bwd_mma(const BwdArgs& args, cudaStream_t stream) {
   const auto run = [&](auto plain) {
     constexpr bool kPlain = decltype(plain)::value;
-    using Wide = BwdMmaWideTraits<D>;
+    // The fused CTA shape (measured on the H200, cuda_kernel_notes.md v15): 8 warps (128 keys) with
+    // 64-row steps up to head dim 64, 32-row steps above (where 64 would spill: the dK / dV
+    // accumulators take the registers); 4 warps of 32-row steps where the device lacks the shared
+    // memory.
+    using Wide = BwdMmaTraits<D, 8, D <= 64 ? 64 : 32>;
     if (!bwd_fused_dq(args.p)) {
       if constexpr (BwdMmaTraits<D>::kDSplit == 1) launch_bwd_mma_deterministic<T, D, kPlain>(args, stream);
     } else if (max_smem_optin() >= Wide::kDkdvSmem) {
