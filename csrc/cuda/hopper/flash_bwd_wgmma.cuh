@@ -99,7 +99,7 @@ struct BwdWgmmaConfig {
 // The Hopper backward's float32 dQ accumulator (in the workspace, after Di): (KV head, 64-column
 // block, packed row, 64 columns), packed row (q row) x group + head offset, q row = b * seqlen_q + i
 // or the varlen row, so that the packed rows of a sequence are contiguous; the 16-byte chunks of a
-// row XOR-swizzled by its packed row within the sequence, mod 8. A warp then writes its 16 x 64
+// row XOR-swizzled by swizzle(its packed row within the sequence). A warp then writes its 16 x 64
 // block to shared memory without bank conflicts and hands it on with one bulk reduction (per-row
 // reductions measured 2-5% slower than float32 atomics at head dim 128, the uniform datapath
 // issuing one row at a time; per-thread atomics need shuffles and an address per 16 bytes).
@@ -114,6 +114,11 @@ struct DqBlocked {
         seqlen_q(p.seqlen_q),
         heads_kv(p.heads_kv),
         varlen(p.cu_seqlens_q != nullptr) {}
+  // The XOR key of row r's 16-byte chunks. A half warp's 64-bit stores of the accumulator cover
+  // rows g = 0..3 (or 4..7) at chunks 2t and 2t + 1: the key 2g puts those 8 (row, chunk) pairs on 8
+  // distinct chunk positions, so each half warp's 128 bytes take one wavefront (the key g left two
+  // pairs on each position: twice the ideal wavefronts, Nsight Compute v15).
+  __host__ __device__ static int swizzle(int r) { return (2 * r) & 7; }
   // Floats from dq_accum(p) to the start of packed row r of sequence b in column block cb of KV head hk.
   __device__ __forceinline__ int64_t offset(int hk, int cb, int b, const SeqInfo& si, int r) const {
     const int64_t q_row0 = varlen ? si.q_row0 : static_cast<int64_t>(b) * seqlen_q;
@@ -480,7 +485,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       }
     }
     // dQ into the float32 accumulator (DqBlocked: dq[4t + c] is row dq_row0 + (warp % 4) * 16 + g +
-    // 8 (c >> 1), column dq_col0 + 8t + 2tq + (c & 1); g is the row's swizzle key).
+    // 8 (c >> 1), column dq_col0 + 8t + 2tq + (c & 1); the row's swizzle key is DqBlocked::swizzle(g)).
     if constexpr (Cfg::kDqAtomics) {
       // Two adjacent columns per atomic, in the column blocks the accumulator has (head_dim rounded
       // up to 64), for the rows before the end.
@@ -491,7 +496,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #pragma unroll
         for (int t = 0; t < kDqCols / 8; ++t) {
           if (dq_col0 / 64 + t / 8 >= dq_layout.col_blocks) break;
-          const int chunk = (2 * (t % 8) + (tq >> 1)) ^ g;
+          const int chunk = (2 * (t % 8) + (tq >> 1)) ^ DqBlocked::swizzle(g);
           atomicAdd(reinterpret_cast<float2*>(row_dst + (t / 8) * dq_layout.packed_rows * 64 + chunk * 4),
                     make_float2(dq[4 * t + 2 * e], dq[4 * t + 2 * e + 1]));
         }
@@ -506,7 +511,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       for (int t = 0; t < 8; ++t) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int chunk = (2 * t + (tq >> 1)) ^ g;
+          const int chunk = (2 * t + (tq >> 1)) ^ DqBlocked::swizzle(g);
           st_shared_f32x2(sDq_warp + (g + 8 * e) * 256 + chunk * 16 + (tq & 1) * 8, dq[4 * t + 2 * e], dq[4 * t + 2 * e + 1]);
         }
       }
@@ -571,7 +576,8 @@ __global__ void __launch_bounds__(kThreads) dq_convert_blocked_kernel(const BwdA
   for (int q = lane % lanes; q < 16 * layout.col_blocks; q += lanes) {
     const int cb = q / 16, c = q % 16;
     if (cb * 64 + 4 * c >= p.head_dim) break;
-    const float4 x = *reinterpret_cast<const float4*>(acc + cb * layout.packed_rows * 64 + (c ^ (r & 7)) * 4);
+    const float4 x =
+        *reinterpret_cast<const float4*>(acc + cb * layout.packed_rows * 64 + (c ^ DqBlocked::swizzle(r)) * 4);
     *reinterpret_cast<uint2*>(dq + cb * 64 + 4 * c) = make_uint2(pack2<T>(x.x, x.y), pack2<T>(x.z, x.w));
   }
 }
