@@ -1,17 +1,21 @@
-// Tensor-core backward (sm80-class mma.sync) without dropout, P / dS fed from registers
-// (flash_mma.cuh), so nothing but Q/dO/K/V tiles, dS and per-row scalars goes through shared memory.
-//   dkdv_mma_kernel  kWarps warps x 16 keys; per step of kRowsPerStep packed query rows
-//                    (double-buffered): S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q
-//                    (summed over the KV group's heads). kFusedDq: also dQ += dS K, through dS^T in
-//                    shared memory and float32 atomics into the workspace (FlashAttention-2's
-//                    backward: S and dP once); dq_convert_kernel then writes dq. Default for calls
-//                    that are not deterministic, with 8 warps (128 keys) where the shared memory
-//                    allows.
+// Tensor-core backward (sm80-class mma.sync) without dropout.
+//   bwd_tiled_mma_kernel  the default where the shared memory allows (sm90 and sm100; on sm80 head
+//                    dims 32 and 96): FlashAttention-2's partition. A CTA of 8 warps owns BN keys (dK, dV in
+//                    registers) and walks the query rows in double-buffered steps of BM packed rows
+//                    (the rows of the KV group's heads): S = Q K^T and dP = dO V^T, P and dS through
+//                    shared memory, dV += P^T dO, dQ += dS K (float32 atomics into the workspace;
+//                    dq_convert_kernel then writes dq), dK += dS^T Q, each product on its own grid of
+//                    warps (BwdTiledShape).
+//   dkdv_mma_kernel  the fallback elsewhere, with 4 warps: kWarps warps x 16 keys, P^T
+//                    and dS^T fed from registers (flash_mma.cuh); per step of kRowsPerStep packed
+//                    rows: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q. kFusedDq: also
+//                    dQ += dS K through dS^T in shared memory and float32 atomics. Without it (the
+//                    deterministic backward), dq_mma_kernel computes dQ.
 //   dq_mma_kernel    deterministic calls (head dims <= 128): dQ by its own kernel over key blocks,
 //                    S = Q K^T, dP = dO V^T, dS = P (dP - Di) cap' scale, dQ += dS K, no atomics.
-// Head dims above 128 split dK/dV (and dQ) columns over kDSplit CTAs per key block, each recomputing
-// S^T and dP^T, so the accumulators fit the registers; their shared memory (up to 141 KB at 256
-// with 4 warps) exceeds what sm86/sm89/sm120 offer, where they fall back to the SIMT kernels.
+// dkdv_mma_kernel splits head dims above 128 into kDSplit CTAs per key block, each recomputing S^T
+// and dP^T, so the accumulators fit the registers; their shared memory (up to 141 KB at 256 with 4
+// warps) exceeds what sm86/sm89/sm120 offer, where they fall back to the SIMT kernels.
 // As in the forward (flash_fwd_mma.cuh), kPlain instantiations (no softcap, no ALiBi) have no
 // modifier code and compute P = 2^(S scale log2(e) - lse log2(e)), and the mask runs only on tiles
 // some (row, key) pair of which is not visible.
@@ -42,6 +46,92 @@ struct BwdMmaTraits {
   static constexpr size_t kDkdvSmem =
       sizeof(uint16_t) * ((2 * kKeys + 4 * kRows) * kPitch + kKeys * kDsPitch) + 8 * sizeof(float) * kRows;
 };
+
+// Copies of the dK/dV kernels' row blocks: BR packed query rows (the rows of KV head hk's group of
+// query heads) from block mb on. Q and dO go through cp.async into [BR][mma_pitch(D)] tiles, lse and
+// Di through 4-byte cp.async (a plain load would hold the thread, and the block's next barrier, for a
+// global round trip), the ALiBi slope and the query row (-1 past the end) by plain stores.
+template <typename T, int D, int BR, int NT, bool kPlain>
+struct RowBlockCopier {
+  const FlashBwdParams& p;
+  const SeqInfo& si;
+  const GroupSplit& gs;
+  int b, hk, rows;
+
+  __device__ __forceinline__ void copy(int mb, T* tQ, T* tdO, float* lse, float* di, float* slope, int* qi) const {
+    const int group = gs.group;
+    const int r0 = mb * BR;
+    const int tid = threadIdx.x;
+    const bool varlen = p.cu_seqlens_q != nullptr;
+    const T* q = static_cast<const T*>(p.q);
+    const T* dout = static_cast<const T*>(p.dout);
+    // Packed rows r0 + row, r0 + row + kRowStep, ... of one thread share a head when the group
+    // divides kRowStep, and are then kRowStep / group query rows apart: one pointer per thread.
+    bool strided = false;
+    constexpr int kChunks = D / 8;
+    if constexpr (NT % kChunks == 0 && BR % (NT / kChunks) == 0) {
+      constexpr int kRowStep = NT / kChunks;
+      if (kRowStep % group == 0) {
+        const int r = r0 + tid / kChunks;  // this thread's first packed row
+        const int i = gs.row(r), h = hk * group + gs.head(r);
+        const int64_t step = kRowStep / group;
+        cp_async_thread_rows<T, D, BR, NT>(
+            tQ, q + q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, i, h),
+            step * p.q_row_stride, rows - r0, p.head_dim, q);
+        cp_async_thread_rows<T, D, BR, NT>(
+            tdO, dout + q_offset(varlen, p.do_batch_stride, p.do_row_stride, p.do_head_stride, si, b, i, h),
+            step * p.do_row_stride, rows - r0, p.head_dim, dout);
+        strided = true;
+      }
+    }
+    if (!strided) {
+      auto q_rows = [&](const T* base, int64_t bs, int64_t rst, int64_t hs) {
+        return [=](int rw) -> const T* {
+          const int r = r0 + rw;
+          if (r >= rows) return nullptr;
+          return base + q_offset(varlen, bs, rst, hs, si, b, gs.row(r), hk * gs.group + gs.head(r));
+        };
+      };
+      cp_async_tile<T, D, BR, NT>(tQ, q_rows(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride), p.head_dim, q);
+      cp_async_tile<T, D, BR, NT>(tdO, q_rows(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride),
+                                  p.head_dim, dout);
+    }
+    if (tid < BR) {
+      const int r = r0 + tid;
+      const bool ok = r < rows;
+      const int i = ok ? gs.row(r) : 0;
+      const int h = hk * group + (ok ? gs.head(r) : 0);
+      qi[tid] = ok ? i : -1;
+      cp_async4(lse + tid, p.softmax_lse + lse_offset(p, si, b, i, h), ok ? 4 : 0);
+      cp_async4(di + tid, p.workspace + di_offset(p, b, h, i), ok ? 4 : 0);
+      slope[tid] = !kPlain && p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+    }
+  }
+};
+
+// Adds a warp's 16-row dQ tile (C fragments of kN 8-column tiles, tile t at column col0 + 8t) to
+// the float32 accumulator: lanes tq and tq ^ 1 trade halves so that each adds four consecutive floats
+// of one row (one vector atomic on sm90), the even lane row g, the odd lane row g + 8 (`acc_row`,
+// null past the end). All the trades first, so that the atomics do not wait on one shuffle each.
+// Columns at or past col_end (a multiple of 8) are not added.
+template <int kN>
+__device__ __forceinline__ void atomic_add_dq_tile(float* acc_row, const float (&dq)[kN][4], int col0, int col_end) {
+  const int tq = threadIdx.x & 3;
+  const int e = tq & 1;
+  float4 x[kN];
+#pragma unroll
+  for (int t = 0; t < kN; ++t) {
+    const float give0 = e ? dq[t][0] : dq[t][2], give1 = e ? dq[t][1] : dq[t][3];
+    const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1), got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
+    x[t] = e ? make_float4(got0, got1, dq[t][2], dq[t][3]) : make_float4(dq[t][0], dq[t][1], got0, got1);
+  }
+  if (acc_row == nullptr) return;
+#pragma unroll
+  for (int t = 0; t < kN; ++t) {
+    const int d = col0 + t * 8 + (tq & 2) * 2;
+    if (d < col_end) atomic_add4(acc_row + d, x[t]);
+  }
+}
 
 template <typename T, int D, bool kPlain>
 __global__ void __launch_bounds__(kThreads, 1) dq_mma_kernel(const BwdArgs args) {
@@ -249,64 +339,16 @@ __global__ void __launch_bounds__(32 * kWarps, 1) dkdv_mma_kernel(const BwdArgs 
   const int group = sa.group;
   const GroupSplit gs(group);
   const int rows = si.sq * group;
-  const bool varlen = p.cu_seqlens_q != nullptr;
   const int tid = threadIdx.x;
   const int offset = si.sk - si.sq;
 
   if (d0 == 0) zero_unused_key_rows<T>(p, si, b, hk, j0, BK);
   if (j0 >= si.sk) return;
 
-  const T* q = static_cast<const T*>(p.q);
-  const T* dout = static_cast<const T*>(p.dout);
-  // Copies of row block mb into buffer buf: Q and dO through cp.async, the scalars directly.
+  const RowBlockCopier<T, D, BR, kCtaThreads, kPlain> row_copier{p, si, gs, b, hk, rows};
   auto load_rows = [&](int mb, int buf) {
-    const int r0 = mb * BR;
-    auto q_rows = [&](const T* base, int64_t bs, int64_t rst, int64_t hs) {
-      return [=, &si](int rw) -> const T* {
-        const int r = r0 + rw;
-        if (r >= rows) return nullptr;
-        return base + q_offset(varlen, bs, rst, hs, si, b, gs.row(r), hk * group + gs.head(r));
-      };
-    };
-    // Packed rows r0 + row, r0 + row + kRowStep, ... of one thread share a head when the group
-    // divides kRowStep, and are then kRowStep / group query rows apart: one pointer per thread.
-    bool strided = false;
-    constexpr int kChunks = D / 8;
-    if constexpr (kCtaThreads % kChunks == 0 && BR % (kCtaThreads / kChunks) == 0) {
-      constexpr int kRowStep = kCtaThreads / kChunks;
-      if (kRowStep % group == 0) {
-        const int r = r0 + tid / kChunks;  // this thread's first packed row
-        const int i = gs.row(r), h = hk * group + gs.head(r);
-        const int64_t step = kRowStep / group;
-        cp_async_thread_rows<T, D, BR, kCtaThreads>(
-            sQ + buf * BR * kPitch, q + q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, i, h),
-            step * p.q_row_stride, rows - r0, p.head_dim, q);
-        cp_async_thread_rows<T, D, BR, kCtaThreads>(
-            sdO + buf * BR * kPitch,
-            dout + q_offset(varlen, p.do_batch_stride, p.do_row_stride, p.do_head_stride, si, b, i, h),
-            step * p.do_row_stride, rows - r0, p.head_dim, dout);
-        strided = true;
-      }
-    }
-    if (!strided) {
-      cp_async_tile<T, D, BR, kCtaThreads>(
-          sQ + buf * BR * kPitch, q_rows(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride), p.head_dim, q);
-      cp_async_tile<T, D, BR, kCtaThreads>(sdO + buf * BR * kPitch,
-                                           q_rows(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride),
-                                           p.head_dim, dout);
-    }
-    if (tid < BR) {
-      const int r = r0 + tid;
-      const bool ok = r < rows;
-      const int i = ok ? gs.row(r) : 0;
-      const int h = hk * group + (ok ? gs.head(r) : 0);
-      sI[buf * BR + tid] = ok ? i : -1;
-      // lse and Di complete with the block's copies: a load here would hold this thread (and the
-      // block's next barrier) for a global round trip.
-      cp_async4(sLse + buf * BR + tid, p.softmax_lse + lse_offset(p, si, b, i, h), ok ? 4 : 0);
-      cp_async4(sDi + buf * BR + tid, p.workspace + di_offset(p, b, h, i), ok ? 4 : 0);
-      sSlope[buf * BR + tid] = !kPlain && p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
-    }
+    row_copier.copy(mb, sQ + buf * BR * kPitch, sdO + buf * BR * kPitch, sLse + buf * BR, sDi + buf * BR,
+                    sSlope + buf * BR, sI + buf * BR);
   };
 
   const BlockRange steps = visible_row_blocks(sa, si, j0, BK, BR);  // packed rows, in steps of BR
@@ -465,26 +507,9 @@ __global__ void __launch_bounds__(32 * kWarps, 1) dkdv_mma_kernel(const BwdArgs 
           mma_16816<T>(dq[2 * t2 + 1], a, bk[2], bk[3]);
         }
       }
-      // Lanes tq and tq ^ 1 trade halves so that each adds four consecutive floats of one row (one
-      // vector atomic on sm90): the even lane row g, the odd lane row g + 8. All the trades first,
-      // so that the atomics do not wait on one shuffle each.
-      const int e = tq & 1;
-      float4 x[2 * kQC];
-#pragma unroll
-      for (int t = 0; t < 2 * kQC; ++t) {
-        const float give0 = e ? dq[t][0] : dq[t][2], give1 = e ? dq[t][1] : dq[t][3];
-        const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1), got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
-        x[t] = e ? make_float4(got0, got1, dq[t][2], dq[t][3]) : make_float4(dq[t][0], dq[t][1], got0, got1);
-      }
-      const int r = r0 + wr + g + 8 * e;
-      if (r < rows) {
-        float* acc = dq_accum_row(p, si, b, gs.row(r), hk * group + gs.head(r));
-#pragma unroll
-        for (int t = 0; t < 2 * kQC; ++t) {
-          const int d = d0 + (c0 + t / 2) * 16 + (t & 1) * 8 + (tq & 2) * 2;
-          if (c0 + t / 2 < kChunks && d < p.head_dim) atomic_add4(acc + d, x[t]);
-        }
-      }
+      const int r = r0 + wr + g + 8 * (tq & 1);
+      float* acc = r < rows ? dq_accum_row(p, si, b, gs.row(r), hk * group + gs.head(r)) : nullptr;
+      atomic_add_dq_tile(acc, dq, d0 + c0 * 16, min(p.head_dim, d0 + Tr::kDAcc));
     }
   }
   cp_async_wait_all();  // K/V copies are still in flight when no query row sees this block
@@ -501,6 +526,288 @@ __global__ void __launch_bounds__(32 * kWarps, 1) dkdv_mma_kernel(const BwdArgs 
       if (d < p.head_dim) {
         *reinterpret_cast<uint32_t*>(dkp + d) = pack2<T>(dk[t][2 * e], dk[t][2 * e + 1]);
         *reinterpret_cast<uint32_t*>(dvp + d) = pack2<T>(dv[t][2 * e], dv[t][2 * e + 1]);
+      }
+    }
+  }
+}
+
+// The CTA shape of bwd_tiled_mma_kernel: 8 warps over BN keys, steps of BM packed query rows, and
+// each of the step's products on its own grid of warps, with tiles of at least 16 x 16 per warp:
+//   1. S = Q K^T, dP = dO V^T (BM x BN): WM1 warps over the rows x 8 / WM1 over the keys;
+//   2. dV += P^T dO, dK += dS^T Q (BN x D): WN2 warps over the keys x 8 / WN2 over the columns;
+//   3. dQ = dS K (BM x D): WM3 warps over the rows x 8 / WM3 over the columns.
+template <int D, int BM_, int BN_, int WM1, int WN2, int WM3>
+struct BwdTiledShape {
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int BM = BM_, BN = BN_;
+  static constexpr int TM1 = BM / WM1, TN1 = BN / (kWarps / WM1);
+  static constexpr int TN2 = BN / WN2, TD2 = D / (kWarps / WN2);
+  static constexpr int TM3 = BM / WM3, TD3 = D / (kWarps / WM3);
+  static constexpr int kPitch = mma_pitch(D);
+  static constexpr int kPsPitch = BN + 8;  // P and dS tiles [BM][kPsPitch]: conflict-free rows, as kPitch
+  // K, V; Q and dO double-buffered; P, dS; lse, Di, ALiBi slope and query row of both buffers.
+  static constexpr size_t kSmem =
+      sizeof(uint16_t) * ((2 * BN + 4 * BM) * kPitch + 2 * BM * kPsPitch) + 8 * sizeof(float) * BM;
+  static_assert(TM1 % 16 == 0 && TN1 % 16 == 0 && TN2 % 16 == 0 && TD2 % 16 == 0 && TM3 % 16 == 0 &&
+                    TD3 % 16 == 0,
+                "every warp tile is a whole number of 16 x 16 blocks");
+};
+
+// The default shape per head-dim bucket (measured on the H200, cuda_kernel_notes.md v16): 128 keys
+// with 128-row steps up to 64, 64-row steps at 96 and 128 (the dK / dV accumulators of 32 keys x D / 2
+// per warp), 64 keys with 64-row steps above.
+template <int D>
+using BwdTiledDefault = std::conditional_t<
+    (D <= 64), BwdTiledShape<D, 128, 128, 2, 4, 4>,
+    std::conditional_t<(D == 96), BwdTiledShape<D, 64, 128, 2, 4, 4>,
+    std::conditional_t<(D == 128), BwdTiledShape<D, 64, 128, 2, 4, 2>,
+                       std::conditional_t<(D == 160 || D == 224), BwdTiledShape<D, 64, 64, 4, 4, 4>,
+                                          BwdTiledShape<D, 64, 64, 4, 2, 2>>>>>;
+
+// FlashAttention-2's partition of the backward (one CTA per BN keys of a KV head; dK, dV in
+// registers; P and dS through shared memory, so that every product has a tile of its own and fewer
+// fragment loads per mma than dkdv_mma_kernel's 16 keys per warp; see BwdTiledShape). kFusedDq adds
+// dQ to the float32 accumulator by atomics; without it the deterministic dq_mma_kernel computes dQ.
+template <typename T, int D, bool kPlain, bool kFusedDq, typename Shape>
+__global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const BwdArgs args) {
+  constexpr int BM = Shape::BM, BN = Shape::BN;
+  constexpr int TM1 = Shape::TM1, TN1 = Shape::TN1, TN2 = Shape::TN2, TD2 = Shape::TD2, TM3 = Shape::TM3,
+                TD3 = Shape::TD3;
+  constexpr int kPitch = Shape::kPitch, kPsPitch = Shape::kPsPitch;
+  extern __shared__ __align__(16) uint16_t smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + BN * kPitch;
+  T* sQ = sV + BN * kPitch;        // [2][BM][kPitch]
+  T* sdO = sQ + 2 * BM * kPitch;   // [2][BM][kPitch]
+  T* sP = sdO + 2 * BM * kPitch;   // [BM][kPsPitch]
+  T* sdS = sP + BM * kPsPitch;     // [BM][kPsPitch]
+  float* sLse = reinterpret_cast<float*>(sdS + BM * kPsPitch);  // [2][BM] each
+  float* sDi = sLse + 2 * BM;
+  float* sSlope = sDi + 2 * BM;
+  int* sI = reinterpret_cast<int*>(sSlope + 2 * BM);  // query row of each packed row, -1 past the end
+
+  const FlashBwdParams& p = args.p;
+  const ScoreArgs& sa = args.s;
+  const int b = blockIdx.z;
+  const int hk = blockIdx.y;
+  const int j0 = blockIdx.x * BN;
+  const SeqInfo si = seq_info(p, b);
+  const GroupSplit gs(sa.group);
+  const int rows = si.sq * sa.group;
+  const int offset = si.sk - si.sq;
+
+  zero_unused_key_rows<T>(p, si, b, hk, j0, BN);
+  if (j0 >= si.sk) return;
+
+  const RowBlockCopier<T, D, BM, Shape::kThreads, kPlain> row_copier{p, si, gs, b, hk, rows};
+  auto load_rows = [&](int mb, int buf) {
+    row_copier.copy(mb, sQ + buf * BM * kPitch, sdO + buf * BM * kPitch, sLse + buf * BM, sDi + buf * BM,
+                    sSlope + buf * BM, sI + buf * BM);
+  };
+  const BlockRange steps = visible_row_blocks(sa, si, j0, BN, BM);
+  const KvTileCopier<T, D, BN, Shape::kThreads> kv{p, si, b, hk};
+  kv.copy(sK, sV, blockIdx.x, kv.start(blockIdx.x));
+  if (steps.begin < steps.end) load_rows(steps.begin, 0);
+  cp_async_commit();
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int g = lane >> 2;
+  const int tq = lane & 3;
+  const int mi = lane >> 3;
+  const int rr = lane & 7;
+  // The warp's tile in each product: rows m1.. x keys n1.. of S / dP, keys n2.. x columns c2.. of
+  // dK / dV, rows m3.. x columns c3.. of dQ.
+  constexpr int kWM1 = BM / TM1, kWN2 = BN / TN2, kWM3 = BM / TM3;
+  const int m1 = warp % kWM1 * TM1, n1 = warp / kWM1 * TN1;
+  const int n2 = warp % kWN2 * TN2, c2 = warp / kWN2 * TD2;
+  const int m3 = warp % kWM3 * TM3, c3 = warp / kWM3 * TD3;
+  const float scale_log2 = p.softmax_scale * kLog2e;
+
+  float dk[TN2 / 16][TD2 / 8][4], dv[TN2 / 16][TD2 / 8][4];
+#pragma unroll
+  for (int i = 0; i < TN2 / 16; ++i) {
+#pragma unroll
+    for (int t = 0; t < TD2 / 8; ++t) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) dk[i][t][c] = dv[i][t][c] = 0.f;
+    }
+  }
+
+  for (int mb = steps.begin; mb < steps.end; ++mb) {
+    const int buf = (mb - steps.begin) & 1;
+    cp_async_wait_all();
+    __syncthreads();  // block mb visible; every warp is done with buffer buf^1, sP and sdS
+    if (mb + 1 < steps.end) {
+      load_rows(mb + 1, buf ^ 1);
+      cp_async_commit();
+    }
+    const T* cQ = sQ + buf * BM * kPitch;
+    const T* cdO = sdO + buf * BM * kPitch;
+    const int r0 = mb * BM;
+
+    // 1. S = Q K^T, then dP = dO V^T, over this warp's TM1 rows x TN1 keys (one after the other:
+    // fewer live fragments).
+    constexpr int kMT = TM1 / 16, kNT = TN1 / 8;
+    float s[kMT][kNT][4], dp[kMT][kNT][4];
+    auto product = [&](float (&acc)[kMT][kNT][4], const T* rows_tile, const T* keys_tile) {
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+        for (int t = 0; t < kNT; ++t) acc[i][t][0] = acc[i][t][1] = acc[i][t][2] = acc[i][t][3] = 0.f;
+      }
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[kMT][4];
+#pragma unroll
+        for (int i = 0; i < kMT; ++i) {
+          ldmatrix_x4(a[i], rows_tile + (m1 + 16 * i + rr + 8 * (mi & 1)) * kPitch + kk * 16 + 8 * (mi >> 1));
+        }
+#pragma unroll
+        for (int t2 = 0; t2 < kNT / 2; ++t2) {
+          uint32_t bk[4];
+          ldmatrix_x4(bk, keys_tile + (n1 + 16 * t2 + rr + 8 * (mi >> 1)) * kPitch + kk * 16 + 8 * (mi & 1));
+#pragma unroll
+          for (int i = 0; i < kMT; ++i) {
+            mma_16816<T>(acc[i][2 * t2], a[i], bk[0], bk[1]);
+            mma_16816<T>(acc[i][2 * t2 + 1], a[i], bk[2], bk[3]);
+          }
+        }
+      }
+    };
+    product(s, cQ, sK);
+    product(dp, cdO, sV);
+
+    // P and dS (c0, c1 of row g of each 16-row block, c2, c3 of row g + 8), rounded into sP / sdS.
+    // Blocks that need the mask and those that do not take separate code: no branch per element
+    // where every pair is visible.
+    const int row_i_lo = gs.row(r0), row_i_hi = gs.row(r0 + BM - 1);
+    const bool need_mask = r0 + BM > rows || tile_needs_mask(sa, si.sk, offset, j0, BN, row_i_lo, row_i_hi);
+    auto softmax_grad = [&](auto masked) {
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int row = m1 + 16 * i + g + 8 * e;
+          const int qi = sI[buf * BM + row];
+          const float lse = sLse[buf * BM + row];
+          const float di = sDi[buf * BM + row];
+#pragma unroll
+          for (int t = 0; t < kNT; ++t) {
+            float pr[2], ds[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int c = 2 * e + h;
+              const int j = j0 + n1 + 8 * t + 2 * tq + h;
+              const bool seen = !decltype(masked)::value || (qi >= 0 && visible(sa, qi, j, si.sq, si.sk));
+              if (kPlain) {
+                // Computed for every pair, then zeroed where not seen (a select, not a branch).
+                pr[h] = fast_exp2(fmaf(s[i][t][c], scale_log2, -lse * kLog2e));
+                ds[h] = pr[h] * ((dp[i][t][c] - di) * p.softmax_scale);
+                if (!seen) pr[h] = ds[h] = 0.f;
+              } else {
+                pr[h] = ds[h] = 0.f;
+                if (seen) {
+                  float dcap;
+                  const float x = modify_score(sa, s[i][t][c] * p.softmax_scale, sSlope[buf * BM + row], qi, j,
+                                               si.sq, si.sk, dcap);
+                  pr[h] = __expf(x - lse);
+                  ds[h] = pr[h] * (dp[i][t][c] - di) * dcap * p.softmax_scale;
+                }
+              }
+            }
+            const int at = row * kPsPitch + n1 + 8 * t + 2 * tq;
+            *reinterpret_cast<uint32_t*>(sP + at) = pack2<T>(pr[0], pr[1]);
+            *reinterpret_cast<uint32_t*>(sdS + at) = pack2<T>(ds[0], ds[1]);
+          }
+        }
+      }
+    };
+    if (need_mask) {
+      softmax_grad(std::true_type{});
+    } else {
+      softmax_grad(std::false_type{});
+    }
+    __syncthreads();  // P and dS of every warp visible
+
+    // 2. dV += P^T dO, then (3.) dQ, then dK += dS^T Q: the dQ atomics in flight while dK computes.
+    // dV and dK over this warp's TN2 keys x TD2 columns: A = P^T / dS^T by ldmatrix.trans of sP /
+    // sdS, B = dO / Q by ldmatrix.trans.
+    auto add_key_product = [&](float (&acc)[TN2 / 16][TD2 / 8][4], const T* sA, const T* rows_tile) {
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk) {
+        uint32_t a[TN2 / 16][4];
+#pragma unroll
+        for (int i = 0; i < TN2 / 16; ++i) {
+          ldmatrix_x4_trans(a[i], sA + (kk * 16 + rr + 8 * (mi >> 1)) * kPsPitch + n2 + 16 * i + 8 * (mi & 1));
+        }
+#pragma unroll
+        for (int t2 = 0; t2 < TD2 / 16; ++t2) {
+          uint32_t bt[4];
+          ldmatrix_x4_trans(bt, rows_tile + (kk * 16 + rr + 8 * (mi & 1)) * kPitch + c2 + 16 * t2 + 8 * (mi >> 1));
+#pragma unroll
+          for (int i = 0; i < TN2 / 16; ++i) {
+            mma_16816<T>(acc[i][2 * t2], a[i], bt[0], bt[1]);
+            mma_16816<T>(acc[i][2 * t2 + 1], a[i], bt[2], bt[3]);
+          }
+        }
+      }
+    };
+    add_key_product(dv, sP, cdO);
+
+    // 3. dQ = dS K over this warp's TM3 rows x TD3 columns, added to the float32 accumulator.
+    if constexpr (kFusedDq) {
+      float dq[TM3 / 16][TD3 / 8][4];
+#pragma unroll
+      for (int i = 0; i < TM3 / 16; ++i) {
+#pragma unroll
+        for (int t = 0; t < TD3 / 8; ++t) dq[i][t][0] = dq[i][t][1] = dq[i][t][2] = dq[i][t][3] = 0.f;
+      }
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t a[TM3 / 16][4];
+#pragma unroll
+        for (int i = 0; i < TM3 / 16; ++i) {
+          ldmatrix_x4(a[i], sdS + (m3 + 16 * i + rr + 8 * (mi & 1)) * kPsPitch + kk * 16 + 8 * (mi >> 1));
+        }
+#pragma unroll
+        for (int t2 = 0; t2 < TD3 / 16; ++t2) {
+          uint32_t bk[4];
+          ldmatrix_x4_trans(bk, sK + (kk * 16 + rr + 8 * (mi & 1)) * kPitch + c3 + 16 * t2 + 8 * (mi >> 1));
+#pragma unroll
+          for (int i = 0; i < TM3 / 16; ++i) {
+            mma_16816<T>(dq[i][2 * t2], a[i], bk[0], bk[1]);
+            mma_16816<T>(dq[i][2 * t2 + 1], a[i], bk[2], bk[3]);
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < TM3 / 16; ++i) {
+        const int r = r0 + m3 + 16 * i + g + 8 * (tq & 1);
+        float* acc = r < rows ? dq_accum_row(p, si, b, gs.row(r), hk * sa.group + gs.head(r)) : nullptr;
+        atomic_add_dq_tile(acc, dq[i], c3, p.head_dim);
+      }
+    }
+    add_key_product(dk, sdS, cQ);
+  }
+  cp_async_wait_all();  // K/V copies are still in flight when no query row sees this block
+
+#pragma unroll
+  for (int i = 0; i < TN2 / 16; ++i) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int j = j0 + n2 + 16 * i + g + 8 * e;
+      if (j >= si.sk) continue;
+      T* dkp = static_cast<T*>(p.dk) + kv_offset(p, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, si, b, j, hk);
+      T* dvp = static_cast<T*>(p.dv) + kv_offset(p, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, si, b, j, hk);
+#pragma unroll
+      for (int t = 0; t < TD2 / 8; ++t) {
+        const int d = c2 + t * 8 + tq * 2;
+        if (d < p.head_dim) {
+          *reinterpret_cast<uint32_t*>(dkp + d) = pack2<T>(dk[i][t][2 * e], dk[i][t][2 * e + 1]);
+          *reinterpret_cast<uint32_t*>(dvp + d) = pack2<T>(dv[i][t][2 * e], dv[i][t][2 * e + 1]);
+        }
       }
     }
   }
@@ -542,8 +849,9 @@ void launch_fused_bwd(const BwdArgs& args, Kernel kernel, int key_ctas, int thre
   }
 }
 
-// The fused backward of one (dtype, head-dim bucket, CTA shape): the dK/dV kernel adding dQ by
-// atomics, then the dQ conversion.
+// The fused backward of one (dtype, head-dim bucket, CTA shape) of dkdv_mma_kernel (the fallback where
+// the shared memory is short of bwd_tiled_mma_kernel's): the dK/dV kernel adding dQ by atomics, then
+// the dQ conversion.
 template <typename T, int D, bool kPlain, int kWarps, int kRowsPerStep>
 void launch_bwd_mma_fused(const BwdArgs& args, cudaStream_t stream) {
   using Tr = BwdMmaTraits<D, kWarps, kRowsPerStep>;
@@ -551,6 +859,15 @@ void launch_bwd_mma_fused(const BwdArgs& args, cudaStream_t stream) {
   set_smem(kernel, Tr::kDkdvSmem, "cudaFuncSetAttribute(dkdv_mma_kernel)");
   launch_fused_bwd<T>(args, kernel, ceil_div(args.p.seqlen_k, Tr::kKeys) * Tr::kDSplit, Tr::kDkdvThreads,
                       Tr::kDkdvSmem, "dkdv_mma_kernel launch", stream);
+}
+
+// The same with bwd_tiled_mma_kernel of one shape.
+template <typename T, int D, bool kPlain, typename Shape>
+void launch_bwd_tiled_fused(const BwdArgs& args, cudaStream_t stream) {
+  auto kernel = bwd_tiled_mma_kernel<T, D, kPlain, true, Shape>;
+  set_smem(kernel, Shape::kSmem, "cudaFuncSetAttribute(bwd_tiled_mma_kernel)");
+  launch_fused_bwd<T>(args, kernel, ceil_div(args.p.seqlen_k, Shape::BN), Shape::kThreads, Shape::kSmem,
+                      "bwd_tiled_mma_kernel launch", stream);
 }
 
 // The deterministic backward (head dims <= 128): the dQ kernel, then the dK/dV kernel without dQ.
@@ -590,15 +907,10 @@ template <typename T, int D>
 void launch_bwd_mma(const BwdArgs& args, cudaStream_t stream) {
   const auto run = [&](auto plain) {
     constexpr bool kPlain = decltype(plain)::value;
-    // The fused CTA shape (measured on the H200, cuda_kernel_notes.md v15): 8 warps (128 keys) with
-    // 64-row steps up to head dim 64, 32-row steps above (where 64 would spill: the dK / dV
-    // accumulators take the registers); 4 warps of 32-row steps where the device lacks the shared
-    // memory.
-    using Wide = BwdMmaTraits<D, 8, D <= 64 ? 64 : 32>;
     if (!bwd_fused_dq(args.p)) {
       if constexpr (BwdMmaTraits<D>::kDSplit == 1) launch_bwd_mma_deterministic<T, D, kPlain>(args, stream);
-    } else if (max_smem_optin() >= Wide::kDkdvSmem) {
-      launch_bwd_mma_fused<T, D, kPlain, 8, Wide::kRows>(args, stream);
+    } else if (max_smem_optin() >= BwdTiledDefault<D>::kSmem) {
+      launch_bwd_tiled_fused<T, D, kPlain, BwdTiledDefault<D>>(args, stream);
     } else {
       launch_bwd_mma_fused<T, D, kPlain, 4, 32>(args, stream);
     }

@@ -166,7 +166,8 @@ struct BwdCandidate {
   BwdLaunch launch;
 };
 
-// The sm80-class backward of one CTA shape (plain scores), fused or deterministic.
+// The sm80-class backward of one CTA shape (plain scores): dkdv_mma_kernel fused or deterministic,
+// or bwd_tiled_mma_kernel.
 template <int D, int kWarps, bool kFused, int kRows = 32>
 void mma_bwd(const BwdArgs& args, cudaStream_t stream) {
   if constexpr (kFused) {
@@ -174,6 +175,10 @@ void mma_bwd(const BwdArgs& args, cudaStream_t stream) {
   } else {
     launch_bwd_mma_deterministic<T, D, true, kWarps, kRows>(args, stream);
   }
+}
+template <int D, typename Shape>
+void tiled_bwd(const BwdArgs& args, cudaStream_t stream) {
+  launch_bwd_tiled_fused<T, D, true, Shape>(args, stream);
 }
 
 std::vector<float> fetch(const void* dev, size_t n) {
@@ -230,17 +235,22 @@ int main() {
       {"wgmma ss dV/dK (v13)", 64, launch_bwd_wgmma_config<T, 64, BwdWgmmaConfig<64, 128, 2, true, false, false>>},
       {"wgmma rs, overlapped", 128, launch_bwd_wgmma_config<T, 128, BwdWgmmaConfig<128, 64, 2, true, true>>},
       {"wgmma ss dV/dK (v13)", 128, launch_bwd_wgmma_config<T, 128, BwdWgmmaConfig<128, 64, 2, true, true, false>>},
-      // The sm80-class backward (v15, h200-kernels-v15-2026-12-03-step1-tune.log also has 4 warps
-      // with 64-row steps and 8-warp deterministic kernels): the default CTA shape (8 warps; 64-row
-      // steps at d = 64, 32 above), the fallback (4 warps, 32 rows: v14's) and the other step.
-      {"mma fused w8 r64 (default)", 64, mma_bwd<64, 8, true, 64>},
-      {"mma fused w8 r32", 64, mma_bwd<64, 8, true>},
-      {"mma fused w4 r32 (fallback)", 64, mma_bwd<64, 4, true>},
-      {"mma fused w8 r32 (default)", 128, mma_bwd<128, 8, true>},
-      {"mma fused w8 r64", 128, mma_bwd<128, 8, true, 64>},
-      {"mma fused w4 r32 (fallback)", 128, mma_bwd<128, 4, true>},
-      {"mma fused w8 r32 (default)", 256, mma_bwd<256, 8, true>},
-      {"mma fused w4 r32 (fallback)", 256, mma_bwd<256, 4, true>},
+      // The sm80-class backward: bwd_tiled_mma_kernel's default shapes (v16) and others, v15's
+      // default (dkdv_mma_kernel of 8 warps; h200-kernels-v15-2026-12-03-step1-tune.log has more of
+      // its shapes) and the fallback where the shared memory is short (4 warps, 32-row steps).
+      {"mma tiled 128x128 (default)", 64, tiled_bwd<64, BwdTiledDefault<64>>},
+      {"mma tiled 64x128", 64, tiled_bwd<64, BwdTiledShape<64, 64, 128, 2, 4, 4>>},
+      {"mma w8 r64 (v15)", 64, mma_bwd<64, 8, true, 64>},
+      {"mma w4 r32 (fallback)", 64, mma_bwd<64, 4, true>},
+      {"mma tiled 64x128 (default)", 128, tiled_bwd<128, BwdTiledDefault<128>>},
+      {"mma tiled 64x128 dQ 16 rows", 128, tiled_bwd<128, BwdTiledShape<128, 64, 128, 2, 4, 4>>},
+      {"mma tiled 128x64", 128, tiled_bwd<128, BwdTiledShape<128, 128, 64, 4, 2, 4>>},
+      {"mma w8 r32 (v15)", 128, mma_bwd<128, 8, true>},
+      {"mma w4 r32 (fallback)", 128, mma_bwd<128, 4, true>},
+      {"mma tiled 64x64 (default)", 256, tiled_bwd<256, BwdTiledDefault<256>>},
+      {"mma tiled 64x64 16-key dK/dV", 256, tiled_bwd<256, BwdTiledShape<256, 64, 64, 4, 4, 4>>},
+      {"mma w8 r32 (v15)", 256, mma_bwd<256, 8, true>},
+      {"mma w4 r32 (fallback)", 256, mma_bwd<256, 4, true>},
   };
   const int tokens = 16384, hidden = 2048;
   std::mt19937 rng(0);
