@@ -1,14 +1,14 @@
 // Tensor-core backward (sm80-class mma.sync) without dropout.
-//   bwd_tiled_mma_kernel  the default where the shared memory allows (sm90 and sm100; on sm80 head
-//                    dims 32 and 96): FlashAttention-2's partition. A CTA of 8 warps owns BN keys (dK, dV in
-//                    registers) and walks the query rows in double-buffered steps of BM packed rows
-//                    (the rows of the KV group's heads): S = Q K^T and dP = dO V^T, P and dS through
-//                    shared memory, dV += P^T dO, dQ += dS K (float32 atomics into the workspace;
-//                    dq_convert_kernel then writes dq), dK += dS^T Q, each product on its own grid of
-//                    warps (BwdTiledShape).
-//   dkdv_mma_kernel  the fallback elsewhere, with 4 warps: kWarps warps x 16 keys, P^T
-//                    and dS^T fed from registers (flash_mma.cuh); per step of kRowsPerStep packed
-//                    rows: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q. kFusedDq: also
+//   bwd_tiled_mma_kernel  the default where the shared memory allows (sm90 and sm100; on sm80
+//                    head dims 32, 96 and 160): FlashAttention-2's partition. A CTA of 8 warps owns
+//                    BN keys (dK, dV in registers) and walks the query rows in double-buffered steps
+//                    of BM packed rows (the rows of the KV group's heads): S = Q K^T and dP = dO V^T,
+//                    P and dS through shared memory, dV += P^T dO, dQ += dS K (float32 atomics into
+//                    the workspace; dq_convert_kernel then writes dq), dK += dS^T Q, each product on
+//                    its own grid of warps (BwdTiledShape).
+//   dkdv_mma_kernel  the fallback elsewhere, with 4 warps: kWarps warps x 16 keys, P^T and dS^T fed
+//                    from registers (flash_mma.cuh); per step of kRowsPerStep packed rows:
+//                    S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q. kFusedDq: also
 //                    dQ += dS K through dS^T in shared memory and float32 atomics. Without it (the
 //                    deterministic backward), dq_mma_kernel computes dQ.
 //   dq_mma_kernel    deterministic calls (head dims <= 128): dQ by its own kernel over key blocks,
@@ -558,18 +558,18 @@ struct BwdTiledShape {
 // with 128-row steps up to 64, 64-row steps at 96 and 128 (the dK / dV accumulators of 32 keys x D / 2
 // per warp), 64 keys with 64-row steps above.
 template <int D>
-using BwdTiledDefault = std::conditional_t<
-    (D <= 64), BwdTiledShape<D, 128, 128, 2, 4, 4>,
+using BwdTiledDefault =
+    std::conditional_t<(D <= 64), BwdTiledShape<D, 128, 128, 2, 4, 4>,
     std::conditional_t<(D == 96), BwdTiledShape<D, 64, 128, 2, 4, 4>,
     std::conditional_t<(D == 128), BwdTiledShape<D, 64, 128, 2, 4, 2>,
-                       std::conditional_t<(D == 160 || D == 224), BwdTiledShape<D, 64, 64, 4, 4, 4>,
-                                          BwdTiledShape<D, 64, 64, 4, 2, 2>>>>>;
+    std::conditional_t<(D == 160 || D == 224), BwdTiledShape<D, 64, 64, 4, 4, 4>,
+                       BwdTiledShape<D, 64, 64, 4, 2, 2>>>>>;
 
-// FlashAttention-2's partition of the backward (one CTA per BN keys of a KV head; dK, dV in
+// FlashAttention-2's partition of the fused backward (one CTA per BN keys of a KV head; dK, dV in
 // registers; P and dS through shared memory, so that every product has a tile of its own and fewer
-// fragment loads per mma than dkdv_mma_kernel's 16 keys per warp; see BwdTiledShape). kFusedDq adds
-// dQ to the float32 accumulator by atomics; without it the deterministic dq_mma_kernel computes dQ.
-template <typename T, int D, bool kPlain, bool kFusedDq, typename Shape>
+// fragment loads per mma than dkdv_mma_kernel's 16 keys per warp; see BwdTiledShape); dQ is added
+// to the float32 accumulator by atomics.
+template <typename T, int D, bool kPlain, typename Shape>
 __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const BwdArgs args) {
   constexpr int BM = Shape::BM, BN = Shape::BN;
   constexpr int TM1 = Shape::TM1, TN1 = Shape::TN1, TN2 = Shape::TN2, TD2 = Shape::TD2, TM3 = Shape::TM3,
@@ -757,7 +757,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
     add_key_product(dv, sP, cdO);
 
     // 3. dQ = dS K over this warp's TM3 rows x TD3 columns, added to the float32 accumulator.
-    if constexpr (kFusedDq) {
+    {
       float dq[TM3 / 16][TD3 / 8][4];
 #pragma unroll
       for (int i = 0; i < TM3 / 16; ++i) {
@@ -864,7 +864,7 @@ void launch_bwd_mma_fused(const BwdArgs& args, cudaStream_t stream) {
 // The same with bwd_tiled_mma_kernel of one shape.
 template <typename T, int D, bool kPlain, typename Shape>
 void launch_bwd_tiled_fused(const BwdArgs& args, cudaStream_t stream) {
-  auto kernel = bwd_tiled_mma_kernel<T, D, kPlain, true, Shape>;
+  auto kernel = bwd_tiled_mma_kernel<T, D, kPlain, Shape>;
   set_smem(kernel, Shape::kSmem, "cudaFuncSetAttribute(bwd_tiled_mma_kernel)");
   launch_fused_bwd<T>(args, kernel, ceil_div(args.p.seqlen_k, Shape::BN), Shape::kThreads, Shape::kSmem,
                       "bwd_tiled_mma_kernel launch", stream);
