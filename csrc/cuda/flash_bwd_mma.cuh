@@ -531,6 +531,45 @@ __global__ void __launch_bounds__(32 * kWarps, 1) dkdv_mma_kernel(const BwdArgs 
   }
 }
 
+// One warp's acc (kM x kN, C fragments [kM / 16][kN / 8]) += A (kM x kK) B (kK x kN), both from
+// shared memory: A's rows m0.. of a tile stored row-major (a[m][k], pitch lda) or, kATrans,
+// transposed (a[k][m]); B's columns n0.. of a tile stored transposed (b[n][k], pitch ldb) or,
+// kBTrans, as it is (b[k][n]). Per 16-deep step, the A fragments first, then each B fragment pair
+// feeds every A fragment.
+template <typename T, int kM, int kN, int kK, bool kATrans, bool kBTrans>
+__device__ __forceinline__ void warp_mma_smem(float (&acc)[kM / 16][kN / 8][4], const T* a, int m0, int lda,
+                                              const T* b, int n0, int ldb) {
+  const int lane = threadIdx.x % 32;
+  const int mi = lane >> 3;
+  const int rr = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    uint32_t af[kM / 16][4];
+#pragma unroll
+    for (int i = 0; i < kM / 16; ++i) {
+      if constexpr (kATrans) {
+        ldmatrix_x4_trans(af[i], a + (kk * 16 + rr + 8 * (mi >> 1)) * lda + m0 + 16 * i + 8 * (mi & 1));
+      } else {
+        ldmatrix_x4(af[i], a + (m0 + 16 * i + rr + 8 * (mi & 1)) * lda + kk * 16 + 8 * (mi >> 1));
+      }
+    }
+#pragma unroll
+    for (int t2 = 0; t2 < kN / 16; ++t2) {
+      uint32_t bf[4];
+      if constexpr (kBTrans) {
+        ldmatrix_x4_trans(bf, b + (kk * 16 + rr + 8 * (mi & 1)) * ldb + n0 + 16 * t2 + 8 * (mi >> 1));
+      } else {
+        ldmatrix_x4(bf, b + (n0 + 16 * t2 + rr + 8 * (mi >> 1)) * ldb + kk * 16 + 8 * (mi & 1));
+      }
+#pragma unroll
+      for (int i = 0; i < kM / 16; ++i) {
+        mma_16816<T>(acc[i][2 * t2], af[i], bf[0], bf[1]);
+        mma_16816<T>(acc[i][2 * t2 + 1], af[i], bf[2], bf[3]);
+      }
+    }
+  }
+}
+
 // The CTA shape of bwd_tiled_mma_kernel: 8 warps over BN keys, steps of BM packed query rows, and
 // each of the step's products on its own grid of warps, with tiles of at least 16 x 16 per warp:
 //   1. S = Q K^T, dP = dO V^T (BM x BN): WM1 warps over the rows x 8 / WM1 over the keys;
@@ -615,8 +654,6 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
   const int lane = threadIdx.x % 32;
   const int g = lane >> 2;
   const int tq = lane & 3;
-  const int mi = lane >> 3;
-  const int rr = lane & 7;
   // The warp's tile in each product: rows m1.. x keys n1.. of S / dP, keys n2.. x columns c2.. of
   // dK / dV, rows m3.. x columns c3.. of dQ.
   constexpr int kWM1 = BM / TM1, kWN2 = BN / TN2, kWM3 = BM / TM3;
@@ -657,24 +694,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
 #pragma unroll
         for (int t = 0; t < kNT; ++t) acc[i][t][0] = acc[i][t][1] = acc[i][t][2] = acc[i][t][3] = 0.f;
       }
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[kMT][4];
-#pragma unroll
-        for (int i = 0; i < kMT; ++i) {
-          ldmatrix_x4(a[i], rows_tile + (m1 + 16 * i + rr + 8 * (mi & 1)) * kPitch + kk * 16 + 8 * (mi >> 1));
-        }
-#pragma unroll
-        for (int t2 = 0; t2 < kNT / 2; ++t2) {
-          uint32_t bk[4];
-          ldmatrix_x4(bk, keys_tile + (n1 + 16 * t2 + rr + 8 * (mi >> 1)) * kPitch + kk * 16 + 8 * (mi & 1));
-#pragma unroll
-          for (int i = 0; i < kMT; ++i) {
-            mma_16816<T>(acc[i][2 * t2], a[i], bk[0], bk[1]);
-            mma_16816<T>(acc[i][2 * t2 + 1], a[i], bk[2], bk[3]);
-          }
-        }
-      }
+      warp_mma_smem<T, TM1, TN1, D, false, false>(acc, rows_tile, m1, kPitch, keys_tile, n1, kPitch);
     };
     product(s, cQ, sK);
     product(dp, cdO, sV);
@@ -734,27 +754,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
     // 2. dV += P^T dO, then (3.) dQ, then dK += dS^T Q: the dQ atomics in flight while dK computes.
     // dV and dK over this warp's TN2 keys x TD2 columns: A = P^T / dS^T by ldmatrix.trans of sP /
     // sdS, B = dO / Q by ldmatrix.trans.
-    auto add_key_product = [&](float (&acc)[TN2 / 16][TD2 / 8][4], const T* sA, const T* rows_tile) {
-#pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-        uint32_t a[TN2 / 16][4];
-#pragma unroll
-        for (int i = 0; i < TN2 / 16; ++i) {
-          ldmatrix_x4_trans(a[i], sA + (kk * 16 + rr + 8 * (mi >> 1)) * kPsPitch + n2 + 16 * i + 8 * (mi & 1));
-        }
-#pragma unroll
-        for (int t2 = 0; t2 < TD2 / 16; ++t2) {
-          uint32_t bt[4];
-          ldmatrix_x4_trans(bt, rows_tile + (kk * 16 + rr + 8 * (mi & 1)) * kPitch + c2 + 16 * t2 + 8 * (mi >> 1));
-#pragma unroll
-          for (int i = 0; i < TN2 / 16; ++i) {
-            mma_16816<T>(acc[i][2 * t2], a[i], bt[0], bt[1]);
-            mma_16816<T>(acc[i][2 * t2 + 1], a[i], bt[2], bt[3]);
-          }
-        }
-      }
-    };
-    add_key_product(dv, sP, cdO);
+    warp_mma_smem<T, TN2, TD2, BM, true, true>(dv, sP, n2, kPsPitch, cdO, c2, kPitch);
 
     // 3. dQ = dS K over this warp's TM3 rows x TD3 columns, added to the float32 accumulator.
     {
@@ -764,24 +764,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
 #pragma unroll
         for (int t = 0; t < TD3 / 8; ++t) dq[i][t][0] = dq[i][t][1] = dq[i][t][2] = dq[i][t][3] = 0.f;
       }
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        uint32_t a[TM3 / 16][4];
-#pragma unroll
-        for (int i = 0; i < TM3 / 16; ++i) {
-          ldmatrix_x4(a[i], sdS + (m3 + 16 * i + rr + 8 * (mi & 1)) * kPsPitch + kk * 16 + 8 * (mi >> 1));
-        }
-#pragma unroll
-        for (int t2 = 0; t2 < TD3 / 16; ++t2) {
-          uint32_t bk[4];
-          ldmatrix_x4_trans(bk, sK + (kk * 16 + rr + 8 * (mi & 1)) * kPitch + c3 + 16 * t2 + 8 * (mi >> 1));
-#pragma unroll
-          for (int i = 0; i < TM3 / 16; ++i) {
-            mma_16816<T>(dq[i][2 * t2], a[i], bk[0], bk[1]);
-            mma_16816<T>(dq[i][2 * t2 + 1], a[i], bk[2], bk[3]);
-          }
-        }
-      }
+      warp_mma_smem<T, TM3, TD3, BN, false, true>(dq, sdS, m3, kPsPitch, sK, c3, kPitch);
 #pragma unroll
       for (int i = 0; i < TM3 / 16; ++i) {
         const int r = r0 + m3 + 16 * i + g + 8 * (tq & 1);
@@ -789,7 +772,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
         atomic_add_dq_tile(acc, dq[i], c3, p.head_dim);
       }
     }
-    add_key_product(dk, sdS, cQ);
+    warp_mma_smem<T, TN2, TD2, BM, true, true>(dk, sdS, n2, kPsPitch, cQ, c2, kPitch);
   }
   cp_async_wait_all();  // K/V copies are still in flight when no query row sees this block
 
