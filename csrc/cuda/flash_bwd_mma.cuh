@@ -51,12 +51,47 @@ struct BwdMmaTraits {
 // query heads) from block mb on. Q and dO go through cp.async into [BR][mma_pitch(D)] tiles, lse and
 // Di through 4-byte cp.async (a plain load would hold the thread, and the block's next barrier, for a
 // global round trip), the ALiBi slope and the query row (-1 past the end) by plain stores.
-template <typename T, int D, int BR, int NT, bool kPlain>
+// Where the group divides the copies' row step, a thread's packed rows keep their heads from block
+// to block and move by BR / group query rows: with kCarry the copier computes their offsets once
+// (for block `first`) and a block adds a multiple of a constant, no offset arithmetic per block
+// (the copies' address math was a sixth of the tiled kernel's loop, v16). The carried offsets live
+// in registers: at head dim 256 they spill, so the tiled kernel carries them up to 128.
+template <typename T, int D, int BR, int NT, bool kPlain, bool kCarry = false>
 struct RowBlockCopier {
+  static constexpr int kChunks = D / 8;
+  static constexpr bool kStrideable = NT % kChunks == 0 && BR % (NT / kChunks) == 0;
+  static constexpr int kRowStep = kStrideable ? NT / kChunks : 1;  // a thread's rows of a block, packed
   const FlashBwdParams& p;
   const SeqInfo& si;
   const GroupSplit& gs;
   int b, hk, rows;
+  // kCarry: block `first`'s offsets of this thread's first Q / dO row, and of packed row tid's
+  // lse / Di and query row.
+  int first = 0;
+  int64_t q_at = 0, do_at = 0, lse_at = 0, di_at = 0;
+  int qi_at = 0;
+
+  __device__ __forceinline__ RowBlockCopier(const FlashBwdParams& p_, const SeqInfo& si_, const GroupSplit& gs_,
+                                            int b_, int hk_, int rows_, int first_ = 0)
+      : p(p_), si(si_), gs(gs_), b(b_), hk(hk_), rows(rows_), first(first_) {
+    if constexpr (kCarry) {
+      if (!strided()) return;
+      const bool varlen = p.cu_seqlens_q != nullptr;
+      const int tid = threadIdx.x;
+      int r = first * BR + tid / kChunks;
+      int i = gs.row(r), h = hk * gs.group + gs.head(r);
+      q_at = q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, i, h);
+      do_at = q_offset(varlen, p.do_batch_stride, p.do_row_stride, p.do_head_stride, si, b, i, h);
+      r = first * BR + tid % BR;
+      qi_at = gs.row(r);
+      h = hk * gs.group + gs.head(r);
+      lse_at = lse_offset(p, si, b, qi_at, h);
+      di_at = di_offset(p, b, h, qi_at);
+    }
+  }
+
+  // The group divides kRowStep: each thread's rows share a head (one pointer per thread for Q / dO).
+  __device__ __forceinline__ bool strided() const { return kStrideable && kRowStep % gs.group == 0; }
 
   __device__ __forceinline__ void copy(int mb, T* tQ, T* tdO, float* lse, float* di, float* slope, int* qi) const {
     const int group = gs.group;
@@ -65,12 +100,30 @@ struct RowBlockCopier {
     const bool varlen = p.cu_seqlens_q != nullptr;
     const T* q = static_cast<const T*>(p.q);
     const T* dout = static_cast<const T*>(p.dout);
+    if constexpr (kCarry && kStrideable) {
+      if (strided()) {
+        const int64_t moved = static_cast<int64_t>(mb - first) * (BR / group);  // query rows since `first`
+        const int64_t gap = kRowStep / group;  // query rows between a thread's rows of one block
+        cp_async_thread_rows<T, D, BR, NT>(tQ, q + q_at + moved * p.q_row_stride, gap * p.q_row_stride, rows - r0,
+                                           p.head_dim, q);
+        cp_async_thread_rows<T, D, BR, NT>(tdO, dout + do_at + moved * p.do_row_stride, gap * p.do_row_stride,
+                                           rows - r0, p.head_dim, dout);
+        if (tid < BR) {
+          const bool ok = r0 + tid < rows;
+          qi[tid] = ok ? qi_at + static_cast<int>(moved) : -1;
+          cp_async4(lse + tid, p.softmax_lse + (ok ? lse_at + moved : 0), ok ? 4 : 0);
+          cp_async4(di + tid, p.workspace + (ok ? di_at + moved : 0), ok ? 4 : 0);
+          slope[tid] = !kPlain && p.alibi_slopes != nullptr
+                           ? p.alibi_slopes[b * p.alibi_batch_stride + hk * group + gs.head(r0 + tid)]
+                           : 0.f;
+        }
+        return;
+      }
+    }
     // Packed rows r0 + row, r0 + row + kRowStep, ... of one thread share a head when the group
     // divides kRowStep, and are then kRowStep / group query rows apart: one pointer per thread.
     bool strided = false;
-    constexpr int kChunks = D / 8;
-    if constexpr (NT % kChunks == 0 && BR % (NT / kChunks) == 0) {
-      constexpr int kRowStep = NT / kChunks;
+    if constexpr (kStrideable) {
       if (kRowStep % group == 0) {
         const int r = r0 + tid / kChunks;  // this thread's first packed row
         const int i = gs.row(r), h = hk * group + gs.head(r);
@@ -639,12 +692,13 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
   zero_unused_key_rows<T>(p, si, b, hk, j0, BN);
   if (j0 >= si.sk) return;
 
-  const RowBlockCopier<T, D, BM, Shape::kThreads, kPlain> row_copier{p, si, gs, b, hk, rows};
+  const BlockRange steps = visible_row_blocks(sa, si, j0, BN, BM);
+  constexpr bool kCarry = D <= 128;  // carried row offsets (RowBlockCopier, dq_row below)
+  const RowBlockCopier<T, D, BM, Shape::kThreads, kPlain, kCarry> row_copier{p, si, gs, b, hk, rows, steps.begin};
   auto load_rows = [&](int mb, int buf) {
     row_copier.copy(mb, sQ + buf * BM * kPitch, sdO + buf * BM * kPitch, sLse + buf * BM, sDi + buf * BM,
                     sSlope + buf * BM, sI + buf * BM);
   };
-  const BlockRange steps = visible_row_blocks(sa, si, j0, BN, BM);
   const KvTileCopier<T, D, BN, Shape::kThreads> kv{p, si, b, hk};
   kv.copy(sK, sV, blockIdx.x, kv.start(blockIdx.x));
   if (steps.begin < steps.end) load_rows(steps.begin, 0);
@@ -661,6 +715,23 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
   const int n2 = warp % kWN2 * TN2, c2 = warp / kWN2 * TD2;
   const int m3 = warp % kWM3 * TM3, c3 = warp / kWM3 * TD3;
   const float scale_log2 = p.softmax_scale * kLog2e;
+  // The dQ accumulator rows of this thread's fragments. Carried as the copies' offsets where the
+  // copier carries them (a block moves a row by BM / group query rows of heads_q x head_dim floats),
+  // else found per block.
+  const bool carried = kCarry && row_copier.strided();
+  const int64_t dq_block_floats = carried ? static_cast<int64_t>(BM / sa.group) * p.heads_q * p.head_dim : 0;
+  float* dq_first[TM3 / 16];
+#pragma unroll
+  for (int i = 0; i < TM3 / 16; ++i) {
+    const int r = steps.begin * BM + m3 + 16 * i + g + 8 * (tq & 1);
+    dq_first[i] = carried ? dq_accum_row(p, si, b, gs.row(r), hk * sa.group + gs.head(r)) : nullptr;
+  }
+  auto dq_row = [&](int i, int mb) -> float* {
+    const int r = mb * BM + m3 + 16 * i + g + 8 * (tq & 1);
+    if (r >= rows) return nullptr;
+    if (carried) return dq_first[i] + (mb - steps.begin) * dq_block_floats;
+    return dq_accum_row(p, si, b, gs.row(r), hk * sa.group + gs.head(r));
+  };
 
   float dk[TN2 / 16][TD2 / 8][4], dv[TN2 / 16][TD2 / 8][4];
 #pragma unroll
@@ -766,11 +837,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
       }
       warp_mma_smem<T, TM3, TD3, BN, false, true>(dq, sdS, m3, kPsPitch, sK, c3, kPitch);
 #pragma unroll
-      for (int i = 0; i < TM3 / 16; ++i) {
-        const int r = r0 + m3 + 16 * i + g + 8 * (tq & 1);
-        float* acc = r < rows ? dq_accum_row(p, si, b, gs.row(r), hk * sa.group + gs.head(r)) : nullptr;
-        atomic_add_dq_tile(acc, dq[i], c3, p.head_dim);
-      }
+      for (int i = 0; i < TM3 / 16; ++i) atomic_add_dq_tile(dq_row(i, mb), dq[i], c3, p.head_dim);
     }
     warp_mma_smem<T, TN2, TD2, BM, true, true>(dk, sdS, n2, kPsPitch, cQ, c2, kPitch);
   }

@@ -23,8 +23,9 @@ namespace detail {
 
 // Tile shape: BM = 16 * kMT * kWarps query rows, BN keys; with kKeyWarps (decode-like calls of at
 // most 16 packed rows) BM = 16 rows shared by all warps, each warp taking BN / kWarps keys of every
-// tile, merged through shared memory at the end. kStages K/V buffers, kStages - 1 tiles in flight;
-// kMinCtas CTAs per SM asked of the register allocation (__launch_bounds__).
+// tile, merged through shared memory at the end. kStages K/V buffers, kStages - 1 tiles in flight
+// (kStages = 1: one K and one V buffer, each copied while the other is read); kMinCtas CTAs per SM
+// asked of the register allocation (__launch_bounds__).
 template <int D, int kWarps, int kMT, int BN, bool kKeyWarps = false, int kStages = 2, int kMinCtas = 2>
 struct FwdMmaConfig {
   static constexpr int kThreads = 32 * kWarps;
@@ -237,7 +238,9 @@ __global__ void __launch_bounds__(32 * kWarps, kMinCtas) fwd_mma_kernel(const Fw
   const int group = sa.group;
   const GroupSplit gs(group);
   const int rows = si.sq * group;
-  const int r0 = blockIdx.x * BM;
+  // Under a right window (causal) the last row blocks see the most keys: they start first, so
+  // that the short ones fill the last wave.
+  const int r0 = (sa.window_right >= 0 ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * BM;
   if (r0 >= rows) return;
 
   const bool varlen = p.cu_seqlens_q != nullptr;
@@ -286,13 +289,19 @@ __global__ void __launch_bounds__(32 * kWarps, kMinCtas) fwd_mma_kernel(const Fw
   }
   const float scale_log2 = p.softmax_scale * kLog2e;
 
+  KvStart at{-1, -1};  // kStages == 1: start of tile n
   if (n_lo < n_hi) {
     cp_async_tile<T, D, BM, NT>(sQ, [&](int rr) -> const T* {
       const int r = r0 + rr;
       if (r >= rows) return nullptr;
       return q + q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, r / group, hk * group + r % group);
     }, p.head_dim, q);
-    load_kv(n_lo, 0, kv.start(n_lo));
+    at = kv.start(n_lo);
+    if constexpr (kStages == 1) {
+      kv.copy_k(sK, n_lo, at);
+    } else {
+      load_kv(n_lo, 0, at);
+    }
     cp_async_commit();
     // The first kStages - 1 tiles in flight; empty groups keep one group per tile for the waits.
     for (int st = 1; st < kStages - 1; ++st) {
@@ -307,11 +316,21 @@ __global__ void __launch_bounds__(32 * kWarps, kMinCtas) fwd_mma_kernel(const Fw
   const int rr = lane & 7;
   for (int n = n_lo; n < n_hi; ++n) {
     const int buf = (n - n_lo) % kStages;
-    cp_async_wait_group<kStages - 2>();  // tile n landed (the kStages - 2 after it may be in flight)
-    __syncthreads();  // tile n visible to all warps; every warp is done with tile n-1, whose buffer is refilled
-    if (n + kStages - 1 < n_hi) load_kv(n + kStages - 1, (n - n_lo + kStages - 1) % kStages, ahead);
-    if (kStages > 2 || n + 1 < n_hi) cp_async_commit();
-    if (n + kStages < n_hi) ahead = kv.start(n + kStages);  // read while this tile's products run
+    if constexpr (kStages == 1) {
+      // One K and one V buffer (FlashAttention-2's pipeline: half the shared memory of two stages,
+      // two barriers per tile): V(n) copies during S = Q K^T, K(n+1) during the softmax and P V.
+      cp_async_wait_group<0>();  // K(n) landed
+      __syncthreads();  // K(n) visible to all warps; every warp is done with V(n-1)
+      kv.copy_v(sV, n, at);
+      cp_async_commit();
+      if (n + 1 < n_hi) at = kv.start(n + 1);  // read while S computes
+    } else {
+      cp_async_wait_group<kStages - 2>();  // tile n landed (the kStages - 2 after it may be in flight)
+      __syncthreads();  // tile n visible to all warps; every warp is done with tile n-1, whose buffer is refilled
+      if (n + kStages - 1 < n_hi) load_kv(n + kStages - 1, (n - n_lo + kStages - 1) % kStages, ahead);
+      if (kStages > 2 || n + 1 < n_hi) cp_async_commit();
+      if (n + kStages < n_hi) ahead = kv.start(n + kStages);  // read while this tile's products run
+    }
     const T* cK = sK + buf * BN * kPitch;
     const T* cV = sV + buf * BN * kPitch;
     const int j0 = n * BN;
@@ -338,6 +357,15 @@ __global__ void __launch_bounds__(32 * kWarps, kMinCtas) fwd_mma_kernel(const Fw
           mma_16816<T>(s[mt][2 * t2], a[mt], bk[0], bk[1]);
           mma_16816<T>(s[mt][2 * t2 + 1], a[mt], bk[2], bk[3]);
         }
+      }
+    }
+
+    if constexpr (kStages == 1) {
+      cp_async_wait_group<0>();  // V(n) landed
+      __syncthreads();  // V(n) visible; every warp is done with K(n)
+      if (n + 1 < n_hi) {
+        kv.copy_k(sK, n + 1, at);
+        cp_async_commit();
       }
     }
 
@@ -473,8 +501,12 @@ FwdOccupancy fwd_mma_config_occupancy(const FwdArgs& args) {
 
 // The tensor-core forward of one (dtype, head-dim bucket) calls f with the launch and occupancy
 // functions of its kernel: the general instantiation when a call has softcap, ALiBi, dropout or a
-// softmax scale <= 0, else the plain one (D <= 128: warps over keys for at most 16 packed rows, as
-// in decode; two m-tiles per warp for more than 64).
+// softmax scale <= 0, else a plain one. Plain, D <= 128: warps over keys for at most 16 packed rows
+// (as in decode), else two m-tiles per warp above 64 rows, one K and one V buffer. Plain above 128,
+// where the shared memory allows (sm90, sm100): at 256 FlashAttention-2's H100 shape (64 x 64 tiles,
+// 4 warps, one K and one V buffer, two CTAs per SM), at 160-224 128-row CTAs of 8 warps over
+// double-buffered 64-key tiles (their rows are not a whole number of copies per thread, and one
+// stage exposed the copies: -17% at 192 on the H200, v17).
 template <typename T, int D, typename F>
 auto with_fwd_mma_kernel(const FwdArgs& args, F&& f) {
   // Keys per tile: fewer for large D so that the double-buffered K and V fit the 99 KB of
@@ -490,10 +522,19 @@ auto with_fwd_mma_kernel(const FwdArgs& args, F&& f) {
     if (rows <= 16) {
       return f(launch_fwd_mma_config<T, D, 4, 1, BN, true, true>, fwd_mma_config_occupancy<T, D, 4, 1, BN, true, true>);
     }
-    if (rows > 64) return f(launch_fwd_mma_config<T, D, 4, 2, BN, true>, fwd_mma_config_occupancy<T, D, 4, 2, BN, true>);
+    // One stage: +1-5% over two at D = 64 and 128 on the H200 (v17), and half the shared memory.
+    if (rows > 64) {
+      return f(launch_fwd_mma_config<T, D, 4, 2, BN, true, false, 1>,
+               fwd_mma_config_occupancy<T, D, 4, 2, BN, true, false, 1>);
+    }
+  } else if constexpr (D == 256) {
+    // +8-15% over the 8-warp CTAs at 256 on the H200 (v17).
+    using Pair = FwdMmaConfig<D, 4, 1, 64, false, 1, 2>;
+    if (max_smem_optin() >= 2 * Pair::kSmemBytes) {
+      return f(launch_fwd_mma_config<T, D, 4, 1, 64, true, false, 1>,
+               fwd_mma_config_occupancy<T, D, 4, 1, 64, true, false, 1>);
+    }
   } else {
-    // Above 128, where the shared memory allows (sm90, sm100): 128-row CTAs of 8 warps over 64-key
-    // tiles, one CTA per SM (+13-16% over the 64-row CTAs at head dim 256 on the H200, v15).
     using Wide = FwdMmaConfig<D, 8, 1, 64, false, 2, 1>;
     if (rows > 64 && max_smem_optin() >= Wide::kSmemBytes) {
       return f(launch_fwd_mma_config<T, D, 8, 1, 64, true, false, 2, 1>,

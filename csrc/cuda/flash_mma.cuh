@@ -191,24 +191,31 @@ struct KvTileCopier {
   }
 
   __device__ __forceinline__ void copy(T* dk, T* dv, int n, const Start& at) const {
-    const T* k = static_cast<const T*>(p.k);
-    const T* v = static_cast<const T*>(p.v);
+    copy_one(dk, static_cast<const T*>(p.k), n, at.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+    copy_one(dv, static_cast<const T*>(p.v), n, at.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  }
+  // K or V alone (kernels that wait for them separately).
+  __device__ __forceinline__ void copy_k(T* dk, int n, const Start& at) const {
+    copy_one(dk, static_cast<const T*>(p.k), n, at.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  }
+  __device__ __forceinline__ void copy_v(T* dv, int n, const Start& at) const {
+    copy_one(dv, static_cast<const T*>(p.v), n, at.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  }
+
+ private:
+  __device__ __forceinline__ void copy_one(T* tile, const T* base, int n, int64_t at, int64_t bs, int64_t rst,
+                                           int64_t hs) const {
     const int j0 = n * BN;
     if constexpr (NT % (D / 8) == 0 && BN % (NT / (D / 8)) == 0) {
-      if (at.k >= 0 && at.v >= 0) {
-        cp_async_rows<T, D, BN, NT>(dk, k + at.k, p.k_row_stride, si.sk - j0, p.head_dim);
-        cp_async_rows<T, D, BN, NT>(dv, v + at.v, p.v_row_stride, si.sk - j0, p.head_dim);
+      if (at >= 0) {
+        cp_async_rows<T, D, BN, NT>(tile, base + at, rst, si.sk - j0, p.head_dim);
         return;
       }
     }
-    auto rows_of = [&](const T* base, int64_t tile, int64_t bs, int64_t rst, int64_t hs) {
-      return [=](int rr) -> const T* {  // this, j0 and the arguments
-        if (j0 + rr >= si.sk) return nullptr;
-        return base + (tile >= 0 ? tile + rr * rst : kv_offset(p, bs, rst, hs, si, b, j0 + rr, hk));
-      };
-    };
-    cp_async_tile<T, D, BN, NT>(dk, rows_of(k, at.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride), p.head_dim, k);
-    cp_async_tile<T, D, BN, NT>(dv, rows_of(v, at.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride), p.head_dim, v);
+    cp_async_tile<T, D, BN, NT>(tile, [=](int rr) -> const T* {  // this, j0 and the arguments
+      if (j0 + rr >= si.sk) return nullptr;
+      return base + (at >= 0 ? at + rr * rst : kv_offset(p, bs, rst, hs, si, b, j0 + rr, hk));
+    }, p.head_dim, base);
   }
 };
 
