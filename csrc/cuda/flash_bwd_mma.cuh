@@ -588,36 +588,64 @@ __global__ void __launch_bounds__(32 * kWarps, 1) dkdv_mma_kernel(const BwdArgs 
 // shared memory: A's rows m0.. of a tile stored row-major (a[m][k], pitch lda) or, kATrans,
 // transposed (a[k][m]); B's columns n0.. of a tile stored transposed (b[n][k], pitch ldb) or,
 // kBTrans, as it is (b[k][n]). Per 16-deep step, the A fragments first, then each B fragment pair
-// feeds every A fragment.
-template <typename T, int kM, int kN, int kK, bool kATrans, bool kBTrans>
+// feeds every A fragment; kPrefetch: all of a step's fragments are loaded during the step before
+// (twice the fragment registers, no product waiting on its own loads).
+template <typename T, int kM, int kN, int kK, bool kATrans, bool kBTrans, bool kPrefetch = false>
 __device__ __forceinline__ void warp_mma_smem(float (&acc)[kM / 16][kN / 8][4], const T* a, int m0, int lda,
                                               const T* b, int n0, int ldb) {
   const int lane = threadIdx.x % 32;
   const int mi = lane >> 3;
   const int rr = lane & 7;
+  auto load_a = [&](uint32_t (&f)[4], int kk, int i) {
+    if constexpr (kATrans) {
+      ldmatrix_x4_trans(f, a + (kk * 16 + rr + 8 * (mi >> 1)) * lda + m0 + 16 * i + 8 * (mi & 1));
+    } else {
+      ldmatrix_x4(f, a + (m0 + 16 * i + rr + 8 * (mi & 1)) * lda + kk * 16 + 8 * (mi >> 1));
+    }
+  };
+  auto load_b = [&](uint32_t (&f)[4], int kk, int t2) {
+    if constexpr (kBTrans) {
+      ldmatrix_x4_trans(f, b + (kk * 16 + rr + 8 * (mi & 1)) * ldb + n0 + 16 * t2 + 8 * (mi >> 1));
+    } else {
+      ldmatrix_x4(f, b + (n0 + 16 * t2 + rr + 8 * (mi >> 1)) * ldb + kk * 16 + 8 * (mi & 1));
+    }
+  };
+  if constexpr (kPrefetch) {
+    uint32_t af[2][kM / 16][4], bf[2][kN / 16][4];
+    auto load_step = [&](int kk) {
 #pragma unroll
-  for (int kk = 0; kk < kK / 16; ++kk) {
-    uint32_t af[kM / 16][4];
+      for (int i = 0; i < kM / 16; ++i) load_a(af[kk & 1][i], kk, i);
 #pragma unroll
-    for (int i = 0; i < kM / 16; ++i) {
-      if constexpr (kATrans) {
-        ldmatrix_x4_trans(af[i], a + (kk * 16 + rr + 8 * (mi >> 1)) * lda + m0 + 16 * i + 8 * (mi & 1));
-      } else {
-        ldmatrix_x4(af[i], a + (m0 + 16 * i + rr + 8 * (mi & 1)) * lda + kk * 16 + 8 * (mi >> 1));
+      for (int t2 = 0; t2 < kN / 16; ++t2) load_b(bf[kk & 1][t2], kk, t2);
+    };
+    load_step(0);
+#pragma unroll
+    for (int kk = 0; kk < kK / 16; ++kk) {
+      if (kk + 1 < kK / 16) load_step(kk + 1);
+#pragma unroll
+      for (int t2 = 0; t2 < kN / 16; ++t2) {
+#pragma unroll
+        for (int i = 0; i < kM / 16; ++i) {
+          mma_16816<T>(acc[i][2 * t2], af[kk & 1][i], bf[kk & 1][t2][0], bf[kk & 1][t2][1]);
+          mma_16816<T>(acc[i][2 * t2 + 1], af[kk & 1][i], bf[kk & 1][t2][2], bf[kk & 1][t2][3]);
+        }
       }
     }
+  } else {
 #pragma unroll
-    for (int t2 = 0; t2 < kN / 16; ++t2) {
-      uint32_t bf[4];
-      if constexpr (kBTrans) {
-        ldmatrix_x4_trans(bf, b + (kk * 16 + rr + 8 * (mi & 1)) * ldb + n0 + 16 * t2 + 8 * (mi >> 1));
-      } else {
-        ldmatrix_x4(bf, b + (n0 + 16 * t2 + rr + 8 * (mi >> 1)) * ldb + kk * 16 + 8 * (mi & 1));
-      }
+    for (int kk = 0; kk < kK / 16; ++kk) {
+      uint32_t af[kM / 16][4];
 #pragma unroll
-      for (int i = 0; i < kM / 16; ++i) {
-        mma_16816<T>(acc[i][2 * t2], af[i], bf[0], bf[1]);
-        mma_16816<T>(acc[i][2 * t2 + 1], af[i], bf[2], bf[3]);
+      for (int i = 0; i < kM / 16; ++i) load_a(af[i], kk, i);
+#pragma unroll
+      for (int t2 = 0; t2 < kN / 16; ++t2) {
+        uint32_t bf[4];
+        load_b(bf, kk, t2);
+#pragma unroll
+        for (int i = 0; i < kM / 16; ++i) {
+          mma_16816<T>(acc[i][2 * t2], af[i], bf[0], bf[1]);
+          mma_16816<T>(acc[i][2 * t2 + 1], af[i], bf[2], bf[3]);
+        }
       }
     }
   }
@@ -628,9 +656,11 @@ __device__ __forceinline__ void warp_mma_smem(float (&acc)[kM / 16][kN / 8][4], 
 //   1. S = Q K^T, dP = dO V^T (BM x BN): WM1 warps over the rows x 8 / WM1 over the keys;
 //   2. dV += P^T dO, dK += dS^T Q (BN x D): WN2 warps over the keys x 8 / WN2 over the columns;
 //   3. dQ = dS K (BM x D): WM3 warps over the rows x 8 / WM3 over the columns.
-template <int D, int BM_, int BN_, int WM1, int WN2, int WM3>
+template <int D, int BM_, int BN_, int WM1, int WN2, int WM3, int kPrefetch_ = 0>
 struct BwdTiledShape {
   static constexpr int kWarps = 8;
+  // Products whose fragments warp_mma_smem loads a step ahead: bit 0 S / dP, 1 dV / dK, 2 dQ.
+  static constexpr int kPrefetch = kPrefetch_;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int BM = BM_, BN = BN_;
   static constexpr int TM1 = BM / WM1, TN1 = BN / (kWarps / WM1);
@@ -646,16 +676,18 @@ struct BwdTiledShape {
                 "every warp tile is a whole number of 16 x 16 blocks");
 };
 
-// The default shape per head-dim bucket (measured on the H200, cuda_kernel_notes.md v16): 128 keys
-// with 128-row steps up to 64, 64-row steps at 96 and 128 (the dK / dV accumulators of 32 keys x D / 2
-// per warp), 64 keys with 64-row steps above.
+// The default shape per head-dim bucket (measured on the H200, cuda_kernel_notes.md v16, v17): 128
+// keys with 128-row steps up to 64, 64-row steps at 96 and 128 (the dK / dV accumulators of 32 keys
+// x D / 2 per warp), 64 keys with 64-row steps above; at 256 the S / dP and dQ fragments a step
+// ahead (+2-3% there, -1% at 64 and 128).
 template <int D>
 using BwdTiledDefault =
     std::conditional_t<(D <= 64), BwdTiledShape<D, 128, 128, 2, 4, 4>,
     std::conditional_t<(D == 96), BwdTiledShape<D, 64, 128, 2, 4, 4>,
     std::conditional_t<(D == 128), BwdTiledShape<D, 64, 128, 2, 4, 2>,
     std::conditional_t<(D == 160 || D == 224), BwdTiledShape<D, 64, 64, 4, 4, 4>,
-                       BwdTiledShape<D, 64, 64, 4, 2, 2>>>>>;
+    std::conditional_t<(D == 192), BwdTiledShape<D, 64, 64, 4, 2, 2>,
+                       BwdTiledShape<D, 64, 64, 4, 2, 2, 5>>>>>>;
 
 // FlashAttention-2's partition of the fused backward (one CTA per BN keys of a KV head; dK, dV in
 // registers; P and dS through shared memory, so that every product has a tile of its own and fewer
@@ -765,7 +797,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
 #pragma unroll
         for (int t = 0; t < kNT; ++t) acc[i][t][0] = acc[i][t][1] = acc[i][t][2] = acc[i][t][3] = 0.f;
       }
-      warp_mma_smem<T, TM1, TN1, D, false, false>(acc, rows_tile, m1, kPitch, keys_tile, n1, kPitch);
+      warp_mma_smem<T, TM1, TN1, D, false, false, (Shape::kPrefetch & 1) != 0>(acc, rows_tile, m1, kPitch, keys_tile, n1, kPitch);
     };
     product(s, cQ, sK);
     product(dp, cdO, sV);
@@ -825,7 +857,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
     // 2. dV += P^T dO, then (3.) dQ, then dK += dS^T Q: the dQ atomics in flight while dK computes.
     // dV and dK over this warp's TN2 keys x TD2 columns: A = P^T / dS^T by ldmatrix.trans of sP /
     // sdS, B = dO / Q by ldmatrix.trans.
-    warp_mma_smem<T, TN2, TD2, BM, true, true>(dv, sP, n2, kPsPitch, cdO, c2, kPitch);
+    warp_mma_smem<T, TN2, TD2, BM, true, true, (Shape::kPrefetch & 2) != 0>(dv, sP, n2, kPsPitch, cdO, c2, kPitch);
 
     // 3. dQ = dS K over this warp's TM3 rows x TD3 columns, added to the float32 accumulator.
     {
@@ -835,11 +867,11 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
 #pragma unroll
         for (int t = 0; t < TD3 / 8; ++t) dq[i][t][0] = dq[i][t][1] = dq[i][t][2] = dq[i][t][3] = 0.f;
       }
-      warp_mma_smem<T, TM3, TD3, BN, false, true>(dq, sdS, m3, kPsPitch, sK, c3, kPitch);
+      warp_mma_smem<T, TM3, TD3, BN, false, true, (Shape::kPrefetch & 4) != 0>(dq, sdS, m3, kPsPitch, sK, c3, kPitch);
 #pragma unroll
       for (int i = 0; i < TM3 / 16; ++i) atomic_add_dq_tile(dq_row(i, mb), dq[i], c3, p.head_dim);
     }
-    warp_mma_smem<T, TN2, TD2, BM, true, true>(dk, sdS, n2, kPsPitch, cQ, c2, kPitch);
+    warp_mma_smem<T, TN2, TD2, BM, true, true, (Shape::kPrefetch & 2) != 0>(dk, sdS, n2, kPsPitch, cQ, c2, kPitch);
   }
   cp_async_wait_all();  // K/V copies are still in flight when no query row sees this block
 
