@@ -698,6 +698,8 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
   constexpr int TM1 = Shape::TM1, TN1 = Shape::TN1, TN2 = Shape::TN2, TD2 = Shape::TD2, TM3 = Shape::TM3,
                 TD3 = Shape::TD3;
   constexpr int kPitch = Shape::kPitch, kPsPitch = Shape::kPsPitch;
+  constexpr bool kPrefetchSdP = Shape::kPrefetch & 1, kPrefetchDkDv = Shape::kPrefetch & 2,
+                 kPrefetchDq = Shape::kPrefetch & 4;
   extern __shared__ __align__(16) uint16_t smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + BN * kPitch;
@@ -796,7 +798,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
 #pragma unroll
         for (int t = 0; t < kNT; ++t) acc[i][t][0] = acc[i][t][1] = acc[i][t][2] = acc[i][t][3] = 0.f;
       }
-      warp_mma_smem<T, TM1, TN1, D, false, false, (Shape::kPrefetch & 1) != 0>(acc, rows_tile, m1, kPitch, keys_tile, n1, kPitch);
+      warp_mma_smem<T, TM1, TN1, D, false, false, kPrefetchSdP>(acc, rows_tile, m1, kPitch, keys_tile, n1, kPitch);
     };
     product(s, cQ, sK);
     product(dp, cdO, sV);
@@ -856,7 +858,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
     // 2. dV += P^T dO, then (3.) dQ, then dK += dS^T Q: the dQ atomics in flight while dK computes.
     // dV and dK over this warp's TN2 keys x TD2 columns: A = P^T / dS^T by ldmatrix.trans of sP /
     // sdS, B = dO / Q by ldmatrix.trans.
-    warp_mma_smem<T, TN2, TD2, BM, true, true, (Shape::kPrefetch & 2) != 0>(dv, sP, n2, kPsPitch, cdO, c2, kPitch);
+    warp_mma_smem<T, TN2, TD2, BM, true, true, kPrefetchDkDv>(dv, sP, n2, kPsPitch, cdO, c2, kPitch);
 
     // 3. dQ = dS K over this warp's TM3 rows x TD3 columns, added to the float32 accumulator.
     {
@@ -866,11 +868,11 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
 #pragma unroll
         for (int t = 0; t < TD3 / 8; ++t) dq[i][t][0] = dq[i][t][1] = dq[i][t][2] = dq[i][t][3] = 0.f;
       }
-      warp_mma_smem<T, TM3, TD3, BN, false, true, (Shape::kPrefetch & 4) != 0>(dq, sdS, m3, kPsPitch, sK, c3, kPitch);
+      warp_mma_smem<T, TM3, TD3, BN, false, true, kPrefetchDq>(dq, sdS, m3, kPsPitch, sK, c3, kPitch);
 #pragma unroll
       for (int i = 0; i < TM3 / 16; ++i) atomic_add_dq_tile(dq_row(i, mb), dq[i], c3, p.head_dim);
     }
-    warp_mma_smem<T, TN2, TD2, BM, true, true, (Shape::kPrefetch & 2) != 0>(dk, sdS, n2, kPsPitch, cQ, c2, kPitch);
+    warp_mma_smem<T, TN2, TD2, BM, true, true, kPrefetchDkDv>(dk, sdS, n2, kPsPitch, cQ, c2, kPitch);
   }
   cp_async_wait_all();  // K/V copies are still in flight when no query row sees this block
 
