@@ -4,6 +4,7 @@ page and the card's headline. Runs without a GPU, in seconds (tiny grid, cheap p
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -309,3 +310,20 @@ def test_call_time_parses_its_arguments() -> None:
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert "Where a call's time goes" in done.stdout and "--op" in done.stdout
+
+
+def test_peer_calls_runs_a_peer_on_cpu() -> None:
+    """benchmarks/peer_calls.py (what ci/gpu-profile.sh's COMMAND profiles) calls a peer at a bench
+    point, and names the implementations it has when asked for one it has not."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "peer_calls.py"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    base = [sys.executable, str(script), "--device", "cpu", "--tokens", "128", "--seqlen", "64", "--hdim", "64"]
+    done = subprocess.run(base + ["--impl", "sdpa-flash", "--op", "bwd", "--calls", "2"],
+                          capture_output=True, text=True, check=False, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "2 calls of sdpa-flash: bwd bf16 d64 s64/64 b2 h32" in done.stdout
+    done = subprocess.run(base + ["--impl", "sdpa-cudnn"], capture_output=True, text=True, check=False, env=env)
+    assert done.returncode == 2 and "not one of" in done.stderr and "sdpa-flash" in done.stderr
