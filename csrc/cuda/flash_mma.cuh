@@ -191,8 +191,8 @@ struct KvTileCopier {
   }
 
   __device__ __forceinline__ void copy(T* dk, T* dv, int n, const Start& at) const {
-    copy_one(dk, static_cast<const T*>(p.k), n, at.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
-    copy_one(dv, static_cast<const T*>(p.v), n, at.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+    copy_k(dk, n, at);
+    copy_v(dv, n, at);
   }
   // K or V alone (kernels that wait for them separately).
   __device__ __forceinline__ void copy_k(T* dk, int n, const Start& at) const {
