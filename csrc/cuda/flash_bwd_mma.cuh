@@ -676,17 +676,18 @@ struct BwdTiledShape {
                 "every warp tile is a whole number of 16 x 16 blocks");
 };
 
-// The default shape per head-dim bucket (measured on the H200, cuda_kernel_notes.md v16): 128 keys
-// with 128-row steps up to 64, 64-row steps at 96 and 128 (the dK / dV accumulators of 32 keys x D / 2
-// per warp), 64 keys with 64-row steps above. (At 256, S / dP and dQ fragments a step ahead measured
-// +2-3% in v17; branch next/prefetch-256-short-causal-64 makes it the default once the grid has run it.)
+// The default shape per head-dim bucket (measured on the H200, cuda_kernel_notes.md v16, v17): 128
+// keys with 128-row steps up to 64, 64-row steps at 96 and 128 (the dK / dV accumulators of 32 keys
+// x D / 2 per warp), 64 keys with 64-row steps above; at 256 the S / dP and dQ fragments a step
+// ahead (+2-3% there, -1% at 64 and 128).
 template <int D>
 using BwdTiledDefault =
     std::conditional_t<(D <= 64), BwdTiledShape<D, 128, 128, 2, 4, 4>,
     std::conditional_t<(D == 96), BwdTiledShape<D, 64, 128, 2, 4, 4>,
     std::conditional_t<(D == 128), BwdTiledShape<D, 64, 128, 2, 4, 2>,
     std::conditional_t<(D == 160 || D == 224), BwdTiledShape<D, 64, 64, 4, 4, 4>,
-                       BwdTiledShape<D, 64, 64, 4, 2, 2>>>>>;
+    std::conditional_t<(D == 192), BwdTiledShape<D, 64, 64, 4, 2, 2>,
+                       BwdTiledShape<D, 64, 64, 4, 2, 2, 5>>>>>>;
 
 // FlashAttention-2's partition of the fused backward (one CTA per BN keys of a KV head; dK, dV in
 // registers; P and dS through shared memory, so that every product has a tile of its own and fewer
