@@ -91,7 +91,7 @@ struct RowBlockCopier {
   }
 
   // The group divides kRowStep: each thread's rows share a head (one pointer per thread for Q / dO).
-  __device__ __forceinline__ bool strided() const { return kStrideable && kRowStep % gs.group == 0; }
+  __device__ __forceinline__ bool strided() const { return kStrideable && gs.divides(kRowStep); }
 
   __device__ __forceinline__ void copy(int mb, T* tQ, T* tdO, float* lse, float* di, float* slope, int* qi) const {
     const int group = gs.group;
@@ -102,8 +102,9 @@ struct RowBlockCopier {
     const T* dout = static_cast<const T*>(p.dout);
     if constexpr (kCarry && kStrideable) {
       if (strided()) {
-        const int64_t moved = static_cast<int64_t>(mb - first) * (BR / group);  // query rows since `first`
-        const int64_t gap = kRowStep / group;  // query rows between a thread's rows of one block
+        // gs.row: shifts for a power-of-two group, not a division per block.
+        const int64_t moved = static_cast<int64_t>(mb - first) * gs.row(BR);  // query rows since `first`
+        const int64_t gap = gs.row(kRowStep);  // query rows between a thread's rows of one block
         cp_async_thread_rows<T, D, BR, NT>(tQ, q + q_at + moved * p.q_row_stride, gap * p.q_row_stride, rows - r0,
                                            p.head_dim, q);
         cp_async_thread_rows<T, D, BR, NT>(tdO, dout + do_at + moved * p.do_row_stride, gap * p.do_row_stride,
@@ -124,10 +125,10 @@ struct RowBlockCopier {
     // divides kRowStep, and are then kRowStep / group query rows apart: one pointer per thread.
     bool strided = false;
     if constexpr (kStrideable) {
-      if (kRowStep % group == 0) {
+      if (gs.divides(kRowStep)) {
         const int r = r0 + tid / kChunks;  // this thread's first packed row
         const int i = gs.row(r), h = hk * group + gs.head(r);
-        const int64_t step = kRowStep / group;
+        const int64_t step = gs.row(kRowStep);
         cp_async_thread_rows<T, D, BR, NT>(
             tQ, q + q_offset(varlen, p.q_batch_stride, p.q_row_stride, p.q_head_stride, si, b, i, h),
             step * p.q_row_stride, rows - r0, p.head_dim, q);
@@ -163,26 +164,35 @@ struct RowBlockCopier {
 };
 
 // Adds a warp's 16-row dQ tile (C fragments of kN 8-column tiles, tile t at column col0 + 8t) to
-// the float32 accumulator: lanes tq and tq ^ 1 trade halves so that each adds four consecutive floats
-// of one row (one vector atomic on sm90), the even lane row g, the odd lane row g + 8 (`acc_row`,
-// null past the end). All the trades first, so that the atomics do not wait on one shuffle each.
-// Columns at or past col_end (a multiple of 8) are not added.
+// the float32 accumulator: each thread adds its two floats of row g (`row_lo`) and of row g + 8
+// (`row_hi`) per tile, one float2 atomic each on sm90 (two scalar ones before). Null rows (past the
+// end) and columns at or past col_end (a multiple of 8) are not added. (Trading halves between lanes
+// for float4 atomics halved the atomics but cost more in shuffles, selects and moves: the dQ
+// atomics were 178 of the D = 128 loop's 1131 instructions per warp and row block, v18.)
 template <int kN>
-__device__ __forceinline__ void atomic_add_dq_tile(float* acc_row, const float (&dq)[kN][4], int col0, int col_end) {
-  const int tq = threadIdx.x & 3;
-  const int e = tq & 1;
-  float4 x[kN];
+__device__ __forceinline__ void atomic_add_dq_tile(float* row_lo, float* row_hi, const float (&dq)[kN][4], int col0,
+                                                   int col_end) {
+  const int c = col0 + 2 * (threadIdx.x & 3);
+  if (col0 + 8 * kN <= col_end) {
+    // Every column in range: one branch per row around its kN atomics, off one address (the
+    // columns are immediate offsets).
+    if (row_lo != nullptr) {
+      float* at = row_lo + c;
 #pragma unroll
-  for (int t = 0; t < kN; ++t) {
-    const float give0 = e ? dq[t][0] : dq[t][2], give1 = e ? dq[t][1] : dq[t][3];
-    const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1), got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
-    x[t] = e ? make_float4(got0, got1, dq[t][2], dq[t][3]) : make_float4(dq[t][0], dq[t][1], got0, got1);
+      for (int t = 0; t < kN; ++t) atomic_add2(at + 8 * t, dq[t][0], dq[t][1]);
+    }
+    if (row_hi != nullptr) {
+      float* at = row_hi + c;
+#pragma unroll
+      for (int t = 0; t < kN; ++t) atomic_add2(at + 8 * t, dq[t][2], dq[t][3]);
+    }
+    return;
   }
-  if (acc_row == nullptr) return;
 #pragma unroll
   for (int t = 0; t < kN; ++t) {
-    const int d = col0 + t * 8 + (tq & 2) * 2;
-    if (d < col_end) atomic_add4(acc_row + d, x[t]);
+    if (col0 + 8 * t >= col_end) break;
+    if (row_lo != nullptr) atomic_add2(row_lo + c + 8 * t, dq[t][0], dq[t][1]);
+    if (row_hi != nullptr) atomic_add2(row_hi + c + 8 * t, dq[t][2], dq[t][3]);
   }
 }
 
@@ -560,9 +570,10 @@ __global__ void __launch_bounds__(32 * kWarps, 1) dkdv_mma_kernel(const BwdArgs 
           mma_16816<T>(dq[2 * t2 + 1], a, bk[2], bk[3]);
         }
       }
-      const int r = r0 + wr + g + 8 * (tq & 1);
-      float* acc = r < rows ? dq_accum_row(p, si, b, gs.row(r), hk * group + gs.head(r)) : nullptr;
-      atomic_add_dq_tile(acc, dq, d0 + c0 * 16, min(p.head_dim, d0 + Tr::kDAcc));
+      const int r = r0 + wr + g;
+      float* lo = r < rows ? dq_accum_row(p, si, b, gs.row(r), hk * group + gs.head(r)) : nullptr;
+      float* hi = r + 8 < rows ? dq_accum_row(p, si, b, gs.row(r + 8), hk * group + gs.head(r + 8)) : nullptr;
+      atomic_add_dq_tile(lo, hi, dq, d0 + c0 * 16, min(p.head_dim, d0 + Tr::kDAcc));
     }
   }
   cp_async_wait_all();  // K/V copies are still in flight when no query row sees this block
@@ -727,7 +738,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
   if (j0 >= si.sk) return;
 
   const BlockRange steps = visible_row_blocks(sa, si, j0, BN, BM);
-  constexpr bool kCarry = D <= 128;  // carried row offsets (RowBlockCopier, dq_row below)
+  constexpr bool kCarry = D <= 128;  // carried row offsets (RowBlockCopier, dq_rows below)
   const RowBlockCopier<T, D, BM, Shape::kThreads, kPlain, kCarry> row_copier{p, si, gs, b, hk, rows, steps.begin};
   auto load_rows = [&](int mb, int buf) {
     row_copier.copy(mb, sQ + buf * BM * kPitch, sdO + buf * BM * kPitch, sLse + buf * BM, sDi + buf * BM,
@@ -749,22 +760,30 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
   const int n2 = warp % kWN2 * TN2, c2 = warp / kWN2 * TD2;
   const int m3 = warp % kWM3 * TM3, c3 = warp / kWM3 * TD3;
   const float scale_log2 = p.softmax_scale * kLog2e;
-  // The dQ accumulator rows of this thread's fragments. Carried as the copies' offsets where the
-  // copier carries them (a block moves a row by BM / group query rows of heads_q x head_dim floats),
-  // else found per block.
-  const bool carried = kCarry && row_copier.strided();
-  const int64_t dq_block_floats = carried ? static_cast<int64_t>(BM / sa.group) * p.heads_q * p.head_dim : 0;
+  // The dQ accumulator rows of this thread's fragments (rows g and g + 8 of each 16-row block).
+  // Carried as the copies' offsets where the copier carries them and the group divides 8 (a block
+  // moves a row by BM / group query rows of heads_q x head_dim floats, row g + 8 is 8 / group query
+  // rows past row g), else found per block.
+  const bool carried = kCarry && row_copier.strided() && gs.divides(8);
+  const int64_t dq_query_row_floats = static_cast<int64_t>(p.heads_q) * p.head_dim;
+  const int64_t dq_block_floats = carried ? gs.row(BM) * dq_query_row_floats : 0;
+  const int64_t dq_hi_floats = carried ? gs.row(8) * dq_query_row_floats : 0;
   float* dq_first[TM3 / 16];
 #pragma unroll
   for (int i = 0; i < TM3 / 16; ++i) {
-    const int r = steps.begin * BM + m3 + 16 * i + g + 8 * (tq & 1);
+    const int r = steps.begin * BM + m3 + 16 * i + g;
     dq_first[i] = carried ? dq_accum_row(p, si, b, gs.row(r), hk * sa.group + gs.head(r)) : nullptr;
   }
-  auto dq_row = [&](int i, int mb) -> float* {
-    const int r = mb * BM + m3 + 16 * i + g + 8 * (tq & 1);
-    if (r >= rows) return nullptr;
-    if (carried) return dq_first[i] + (mb - steps.begin) * dq_block_floats;
-    return dq_accum_row(p, si, b, gs.row(r), hk * sa.group + gs.head(r));
+  auto dq_rows = [&](int i, int mb, float*& lo, float*& hi) {
+    const int r = mb * BM + m3 + 16 * i + g;
+    if (carried) {
+      float* at = dq_first[i] + (mb - steps.begin) * dq_block_floats;
+      lo = r < rows ? at : nullptr;
+      hi = r + 8 < rows ? at + dq_hi_floats : nullptr;
+    } else {
+      lo = r < rows ? dq_accum_row(p, si, b, gs.row(r), hk * sa.group + gs.head(r)) : nullptr;
+      hi = r + 8 < rows ? dq_accum_row(p, si, b, gs.row(r + 8), hk * sa.group + gs.head(r + 8)) : nullptr;
+    }
   };
 
   float dk[TN2 / 16][TD2 / 8][4], dv[TN2 / 16][TD2 / 8][4];
@@ -871,7 +890,11 @@ __global__ void __launch_bounds__(Shape::kThreads, 1) bwd_tiled_mma_kernel(const
       }
       warp_mma_smem<T, TM3, TD3, BN, false, true, kPrefetchDq>(dq, sdS, m3, kPsPitch, sK, c3, kPitch);
 #pragma unroll
-      for (int i = 0; i < TM3 / 16; ++i) atomic_add_dq_tile(dq_row(i, mb), dq[i], c3, p.head_dim);
+      for (int i = 0; i < TM3 / 16; ++i) {
+        float *lo, *hi;
+        dq_rows(i, mb, lo, hi);
+        atomic_add_dq_tile(lo, hi, dq[i], c3, p.head_dim);
+      }
     }
     warp_mma_smem<T, TN2, TD2, BM, true, true, kPrefetchDkDv>(dk, sdS, n2, kPsPitch, cQ, c2, kPitch);
   }

@@ -209,6 +209,7 @@ struct GroupSplit {
   }
   __device__ __forceinline__ int row(int r) const { return shift >= 0 ? r >> shift : r / group; }
   __device__ __forceinline__ int head(int r) const { return shift >= 0 ? r & (group - 1) : r % group; }
+  __device__ __forceinline__ bool divides(int n) const { return shift >= 0 ? (n & (group - 1)) == 0 : n % group == 0; }
 };
 
 // Query row i of a sequence with sq rows sees key j of sk keys (flash_params.h, bottom-right).

@@ -101,16 +101,6 @@ __device__ __forceinline__ void atomic_add2(float* addr, float x, float y) {
 #endif
 }
 
-// The same for four floats (16-byte aligned).
-__device__ __forceinline__ void atomic_add4(float* addr, float4 x) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float4*>(addr), x);
-#else
-  atomic_add2(addr, x.x, x.y);
-  atomic_add2(addr + 2, x.z, x.w);
-#endif
-}
-
 // Issues the cp.async copies of a ROWS x D tile (row pitch mma_pitch(D) elements) with the NT threads
 // of the CTA. Rows whose pointer is null and chunks at or past head_dim are zero-filled. Where the
 // shapes allow, each thread copies one fixed 16-byte column of every (NT / chunks)-th row in an
