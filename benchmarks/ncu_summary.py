@@ -4,10 +4,13 @@ SASS instruction.
     ncu --set full -k regex:NAME --launch-skip N --launch-count 1 -o rep BINARY
     ncu --import rep.ncu-rep --page source --csv --print-source sass > sass.csv
     python3 benchmarks/ncu_summary.py sass.csv [--top 40]      (.csv or .csv.gz)
+    python3 benchmarks/ncu_summary.py ours.csv.gz --against peer.csv.gz
 
 Prints the share of warp-state samples per stall reason, then the instructions holding the most
 samples with their two main reasons and the running total in program order (a region of the
 kernel is a run of consecutive addresses). ci/gpu-profile.sh runs the whole sequence on the device.
+With --against: instead, the two kernels' executed instructions by opcode side by side (millions,
+most first) and each opcode's share of the samples, e.g. ours next to SDPA's kernel on one shape.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ import io
 import sys
 
 SAMPLES = "Warp Stall Sampling (All Samples)"
+EXECUTED = "Instructions Executed"
+# Opcodes kept whole in the mix (their variants differ in cost: widths, transposes, atomics); the
+# rest by their first name (IMAD.MOV and IMAD.WIDE count as IMAD).
+WHOLE = ("HMMA", "HGMMA", "LDSM", "LDS", "STS", "LDG", "STG", "LDGSTS", "RED", "REDG", "ATOM", "ATOMG", "SHFL", "BAR")
 
 
 def read_rows(path: str) -> tuple[str, list[dict[str, str]]]:
@@ -62,12 +69,48 @@ def summarize(path: str, top: int) -> str:
     return "\n".join(out)
 
 
+def opcode(source: str) -> str:
+    words = source.split()
+    if words and words[0].startswith("@"):  # predicate
+        words = words[1:]
+    op = words[0] if words else "?"
+    return op if op.split(".")[0] in WHOLE else op.split(".")[0]
+
+
+def instruction_mix(path: str) -> tuple[str, collections.Counter, collections.Counter]:
+    """(kernel, executed instructions per opcode, samples per opcode)."""
+    kernel, rows = read_rows(path)
+    executed, samples = collections.Counter(), collections.Counter()
+    for r in rows:
+        op = opcode(r["Source"])
+        executed[op] += count(r, EXECUTED)
+        samples[op] += count(r, SAMPLES)
+    return kernel, executed, samples
+
+
+def compare(path: str, against: str, top: int) -> str:
+    mixes = [instruction_mix(path), instruction_mix(against)]
+    out = [f"A: {mixes[0][0]}", f"B: {mixes[1][0]}", "",
+           f"{'opcode':<30} {'A (M)':>9} {'B (M)':>9} {'A-B (M)':>9} {'A samples':>10} {'B samples':>10}"]
+    executed = [m[1] for m in mixes]
+    sampled = [sum(m[2].values()) or 1 for m in mixes]
+    for op, _ in (executed[0] + executed[1]).most_common(top):
+        a, b = executed[0][op], executed[1][op]
+        out.append(f"{op:<30} {a / 1e6:9.1f} {b / 1e6:9.1f} {(a - b) / 1e6:9.1f} "
+                   f"{100 * mixes[0][2][op] / sampled[0]:9.2f}% {100 * mixes[1][2][op] / sampled[1]:9.2f}%")
+    a, b = sum(executed[0].values()), sum(executed[1].values())
+    out.append(f"{'all':<30} {a / 1e6:9.1f} {b / 1e6:9.1f} {(a - b) / 1e6:9.1f}")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv", help="ncu --page source --csv --print-source sass output (.csv or .csv.gz)")
-    parser.add_argument("--top", type=int, default=40, help="instructions to list (default 40)")
+    parser.add_argument("--top", type=int, default=40, help="instructions (or opcodes) to list (default 40)")
+    parser.add_argument("--against", default=None,
+                        help="a second kernel's source page: compare the two instruction mixes instead")
     args = parser.parse_args(argv)
-    print(summarize(args.csv, args.top))
+    print(compare(args.csv, args.against, args.top) if args.against else summarize(args.csv, args.top))
     return 0
 
 

@@ -302,6 +302,31 @@ def test_ncu_summary_ranks_stall_reasons_and_instructions(tmp_path: Path) -> Non
         ncu_summary.summarize(str(bare), top=1)
 
 
+def test_ncu_summary_compares_instruction_mixes(tmp_path: Path) -> None:
+    """--against: executed instructions per opcode of two kernels, predicates and IMAD variants folded."""
+    import ncu_summary
+
+    def page(name: str, rows: list[list[str]]) -> str:
+        header = ['"Address"', '"Source"', '"Warp Stall Sampling (All Samples)"', '"Instructions Executed"']
+        text = f'"Kernel Name","{name}",\n' + ",".join(header) + "\n"
+        path = tmp_path / f"{name}.csv"
+        path.write_text(text + "\n".join(",".join(f'"{v}"' for v in row) for row in rows) + "\n")
+        return str(path)
+
+    ours = page("ours", [["0x10", "HMMA.16816.F32.BF16 R4, R8, R12, R4", "60", "3000000"],
+                         ["0x20", "@P0 IMAD.MOV.U32 R1, RZ, RZ, R2", "30", "2000000"],
+                         ["0x30", "IMAD.WIDE R2, R3, 0x4, R4", "10", "1000000"]])
+    peer = page("peer", [["0x10", "HMMA.16816.F32.BF16 R4, R8, R12, R4", "90", "3000000"],
+                         ["0x20", "LEA R2, P0, R3, R4, 0x2", "10", "500000"]])
+    out = ncu_summary.compare(ours, peer, top=10)
+    lines = {line.split()[0]: line.split() for line in out.splitlines()[3:]}
+    assert lines["IMAD"][1:4] == ["3.0", "0.0", "3.0"]  # IMAD.MOV (predicated) + IMAD.WIDE
+    assert lines["HMMA.16816.F32.BF16"][1:4] == ["3.0", "3.0", "0.0"]
+    assert lines["LEA"][1:4] == ["0.0", "0.5", "-0.5"]
+    assert lines["all"][1:4] == ["6.0", "3.5", "2.5"]
+    assert lines["IMAD"][4] == "40.00%" and lines["HMMA.16816.F32.BF16"][5] == "90.00%"
+
+
 def test_call_time_parses_its_arguments() -> None:
     """benchmarks/call_time.py (a device tool) imports and documents its options without a GPU."""
     import subprocess
