@@ -829,10 +829,10 @@ def _prepare(factory: Factory, point: Point, device: str, dtype) -> Callable[[],
 
 
 def _warm_up(step: Callable[[], None], seconds: float, cuda: bool) -> None:
-    """Calls `step` until `seconds` have passed, so that an idle card's clocks are up before the
-    timed calls of the implementation that runs first on a point (ours). With one warm-up call the
-    bench recorded 276 TFLOP/s at fwd 2k for a kernel that benchmarks/call_time.py, 30 calls in,
-    timed at 306 (v18)."""
+    """Calls `step` until `seconds` have passed, so that the implementation timed first on a point
+    (ours) does not pay in its timed calls for a card coming out of idle. With one warm-up call the
+    bench recorded 276 TFLOP/s at fwd 2k, head dim 128, for a kernel that benchmarks/call_time.py,
+    30 calls in, timed at 306; with 0.1 s of calls, 287 (cuda_kernel_notes.md v18)."""
     if seconds <= 0:
         return
     import torch
